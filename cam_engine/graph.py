@@ -1,0 +1,293 @@
+"""Split a model at a target layer into a gradient-free trunk and a differentiable head.
+
+    x ──trunk──▶ (A, *extras) ──head──▶ output
+
+``trunk`` holds every operation that does not depend on the target's output ``A``; ``head``
+holds every operation that does. Values computed before ``A`` that the head still needs (a skip
+connection crossing the cut, the input itself) become the head's extra inputs, so running the
+trunk under ``torch.no_grad()`` leaves dScore/dA unchanged.
+
+Three ways to build the split, tried in order:
+
+1. ``"fx"``: symbolic tracing with torchvision's node-path tracer (it knows torchvision's leaf
+   modules); trunk and head are ``torch.fx.GraphModule`` s sharing the model's own submodules.
+2. ``"export"``: ``torch.export`` (handles shape-dependent Python control flow); the graph is
+   frozen in the train/eval mode of the moment it was built.
+3. ``"hook"``: a forward hook on the target module replaces its output by a leaf that requires
+   grad and switches autograd on for the rest of the forward; no backward hooks.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+import torchvision
+from torch import Tensor, nn
+from torchvision.models.feature_extraction import NodePathTracer
+
+from .layers import unknown_layer_error
+
+__all__ = ["Graph", "Split", "trace", "split", "find_module_output"]
+
+
+class _ModuleOutputTracer(NodePathTracer):
+    """torchvision's ``NodePathTracer`` that also records the output node of every module call."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.module_outputs: dict[str, fx.Node] = {}
+        self.module_calls: dict[str, int] = {}
+
+    def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
+        out = super().call_module(m, forward, args, kwargs)
+        name = self.path_of_module(m)
+        self.module_calls[name] = self.module_calls.get(name, 0) + 1
+        if isinstance(out, fx.Proxy):
+            self.module_outputs[name] = out.node
+        return out
+
+
+def _tracer_kwargs() -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"autowrap_modules": (math, torchvision.ops)}
+    try:  # the leaf modules torchvision's own feature extractor uses (StochasticDepth, ...)
+        from torchvision.models.feature_extraction import _get_leaf_modules_for_ops
+
+        kwargs["leaf_modules"] = _get_leaf_modules_for_ops()
+    except ImportError:  # pragma: no cover - older torchvision
+        pass
+    try:  # timm's FX helpers, when timm is installed
+        from timm.layers import _fx as timm_fx
+
+        kwargs["leaf_modules"] = [*kwargs.get("leaf_modules", []), *timm_fx._leaf_modules]
+        kwargs["autowrap_functions"] = tuple(timm_fx._autowrap_functions)
+    except (ImportError, AttributeError):
+        pass
+    return kwargs
+
+
+@dataclass
+class Graph:
+    """A traced model: its graph module and where each name's value is computed.
+
+    Attributes:
+        module: the traced ``fx.GraphModule`` (shares the model's submodules and parameters).
+        kind: ``"fx"`` or ``"export"``.
+        names: every accepted target name -> the node computing it (dotted module names, FX node
+            names and torchvision's qualified node names).
+        module_names: the dotted names of the modules whose output is a node of the graph.
+    """
+
+    module: fx.GraphModule
+    kind: str
+    names: dict[str, fx.Node]
+    module_names: list[str] = field(default_factory=list)
+
+    def node(self, name: str) -> fx.Node:
+        if name not in self.names:
+            raise unknown_layer_error(name, self.module_names, list(self.names))
+        return self.names[name]
+
+    def name_of(self, node: fx.Node) -> str:
+        """The outermost module name computing ``node``, else its FX node name."""
+        modules = [m for m in self.module_names if self.names[m] is node]
+        return min(modules, key=lambda m: m.count(".")) if modules else node.name
+
+
+def _trace_fx(model: nn.Module) -> Graph:
+    tracer = _ModuleOutputTracer(**_tracer_kwargs())
+    graph = tracer.trace(model)
+    gm = fx.GraphModule(tracer.root, graph, model.__class__.__name__)
+    # node objects were copied into gm's graph by name; map them back.
+    by_name = {n.name: n for n in gm.graph.nodes}
+    names: dict[str, fx.Node] = {}
+    for node, qualname in tracer.node_to_qualname.items():
+        if node.name in by_name:
+            names.setdefault(qualname, by_name[node.name])
+    names.update({n.name: n for n in gm.graph.nodes if n.op not in ("placeholder", "output")})
+    module_names = []
+    for module_name, node in tracer.module_outputs.items():
+        if node.name in by_name and tracer.module_calls[module_name] == 1:
+            names[module_name] = by_name[node.name]
+            module_names.append(module_name)
+    return Graph(gm, "fx", names, module_names)
+
+
+def _trace_export(model: nn.Module, example: Tensor) -> Graph:
+    batch = torch.export.Dim("batch", min=1)
+    gm = torch.export.export(
+        model, (example,), dynamic_shapes=({0: batch},), strict=False
+    ).module()
+    nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
+    members: dict[str, set[fx.Node]] = {}
+    for node in nodes:
+        for path, _ in (node.meta.get("nn_module_stack") or {}).values():
+            members.setdefault(path, set()).add(node)
+    names: dict[str, fx.Node] = {n.name: n for n in nodes}
+    module_names = []
+    for path, inside in members.items():
+        # a module's output: its last node whose value is used outside the module
+        escaping = [n for n in nodes if n in inside and any(u not in inside for u in n.users)]
+        if path and escaping:
+            names[path] = escaping[-1]
+            module_names.append(path)
+    return Graph(gm, "export", names, module_names)
+
+
+def trace(model: nn.Module, example: Tensor | None = None) -> tuple[Graph | None, list[str]]:
+    """Trace ``model`` with FX, else with ``torch.export`` (which needs ``example``).
+
+    Returns:
+        the graph (``None`` when neither tracer succeeds) and one line per failed attempt.
+    """
+    failures = []
+    try:
+        return _trace_fx(model), failures
+    except Exception as exc:  # any tracing error means "use the next strategy"
+        failures.append(f"torch.fx: {type(exc).__name__}: {_first_line(exc)}")
+    if example is not None:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return _trace_export(model, example), failures
+        except Exception as exc:
+            failures.append(f"torch.export: {type(exc).__name__}: {_first_line(exc)}")
+    return None, failures
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else ""
+
+
+@dataclass
+class Split:
+    """The model cut at one node.
+
+    Attributes:
+        trunk: ``x -> (A, *extras)``; run it under ``torch.no_grad()``.
+        head: ``(A, *extras) -> output``, the model's own output structure.
+        target: the graph node computing ``A``.
+        extras: names of the trunk values the head needs besides ``A``.
+    """
+
+    trunk: fx.GraphModule
+    head: fx.GraphModule
+    target: fx.Node
+    extras: list[str]
+
+
+def _descendants(nodes: Iterable[fx.Node], root: fx.Node) -> set[fx.Node]:
+    found = {root}
+    for node in nodes:
+        if any(inp in found for inp in node.all_input_nodes):
+            found.add(node)
+    found.discard(root)
+    return found
+
+
+def split(graph: Graph, target: fx.Node) -> Split:
+    """Cut ``graph`` at ``target``: the head is everything downstream of it, the trunk the rest.
+
+    The trunk keeps every node that is not downstream of the target (none is eliminated, so
+    in-place operations keep their effects); the head gets copies of the parameters it reads.
+    """
+    nodes = list(graph.module.graph.nodes)
+    head_nodes = _descendants(nodes, target)
+    output = next(n for n in nodes if n.op == "output")
+    if output not in head_nodes:
+        raise ValueError(f"the model's output does not depend on {target.name!r}")
+    crossing = [
+        n
+        for n in nodes
+        if n not in head_nodes
+        and n is not target
+        and n.op != "get_attr"
+        and any(u in head_nodes for u in n.users)
+    ]
+
+    trunk_graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for node in nodes:
+        if node not in head_nodes and node.op != "output":
+            env[node] = trunk_graph.node_copy(node, lambda n: env[n])
+    trunk_graph.output((env[target], *(env[n] for n in crossing)))
+
+    head_graph = fx.Graph()
+    env = {target: head_graph.placeholder("features")}
+    for node in crossing:
+        env[node] = head_graph.placeholder(node.name)
+    for node in nodes:
+        if node in head_nodes:
+            for inp in node.all_input_nodes:
+                if inp not in env and inp.op == "get_attr":
+                    env[inp] = head_graph.node_copy(inp)
+            env[node] = head_graph.node_copy(node, lambda n: env[n])
+
+    root = graph.module
+    return Split(
+        trunk=fx.GraphModule(root, trunk_graph, "Trunk"),
+        head=fx.GraphModule(root, head_graph, "Head"),
+        target=target,
+        extras=[n.name for n in crossing],
+    )
+
+
+def find_module_output(model: nn.Module, name: str) -> nn.Module:
+    """The submodule called ``name``; ``ValueError`` with close candidates when there is none."""
+    modules = dict(model.named_modules())
+    if name not in modules or not name:
+        raise unknown_layer_error(name, [m for m in modules if m], [])
+    return modules[name]
+
+
+class HookCapture:
+    """Last-resort split: a forward hook on the target module, no backward hooks.
+
+    During :meth:`explain_forward` autograd is off until the target module returns; the hook then
+    replaces its output by a leaf ``A`` that requires grad and turns autograd on, so the rest of the
+    forward (the head) is recorded and ``torch.autograd.grad(scores, A)`` stops at ``A``.
+    """
+
+    def __init__(self, model: nn.Module, module: nn.Module) -> None:
+        self.model = model
+        self.module = module
+
+    def run(self, x: Tensor, grad_head: bool) -> tuple[Tensor, Any]:
+        """Returns ``(A, output)``; with ``grad_head``, ``A`` is a leaf requiring grad."""
+        captured: list[Tensor] = []
+
+        def hook(module: nn.Module, inputs: Any, output: Any) -> Tensor | None:
+            if not isinstance(output, Tensor):
+                raise ValueError(
+                    f"the target layer returns {type(output).__name__}, not a tensor; "
+                    "pick a layer whose output is the feature map"
+                )
+            if not grad_head:
+                captured.append(output)
+                return None
+            features = output.detach().requires_grad_(True)
+            captured.append(features)
+            torch.set_grad_enabled(True)
+            return features.clone()  # in-place ops downstream must not touch A
+
+        handle = self.module.register_forward_hook(hook)
+        previous = torch.is_grad_enabled()
+        try:
+            if grad_head:
+                torch.set_grad_enabled(False)
+            output = self.model(x)
+        finally:
+            handle.remove()
+            torch.set_grad_enabled(previous)
+        if len(captured) != 1:
+            raise ValueError(
+                f"the target layer ran {len(captured)} times in one forward pass; "
+                "pick a layer that runs exactly once"
+            )
+        return captured[0], output

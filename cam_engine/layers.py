@@ -1,0 +1,140 @@
+"""Target layers: helpful errors for wrong names, a default choice, and token/NHWC reshapes."""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Callable, Sequence
+
+import torch.fx as fx
+from torch import Tensor, nn
+
+__all__ = ["unknown_layer_error", "default_target", "to_nchw", "Reshape"]
+
+Reshape = str | Callable[[Tensor], Tensor] | None
+
+
+def unknown_layer_error(name: str, modules: Sequence[str], nodes: Sequence[str]) -> ValueError:
+    """A ``ValueError`` for an unknown target name that lists the closest known names."""
+    close = difflib.get_close_matches(str(name), [*modules, *nodes], n=6, cutoff=0.5)
+    hint = f" Closest: {', '.join(close)}." if close else ""
+    shown = ", ".join(modules[-8:])
+    return ValueError(
+        f"unknown target layer {name!r}.{hint} Module names end with: {shown}. "
+        "Dotted module names (e.g. 'layer4', 'features.35') and FX node names are accepted."
+    )
+
+
+_GLOBAL_POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool3d)
+
+
+def _is_adaptive_pool(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+    if node.op == "call_module":
+        return isinstance(modules.get(str(node.target)), _GLOBAL_POOLS)
+    name = getattr(node.target, "__name__", str(node.target))
+    return "adaptive_avg_pool" in name or "adaptive_max_pool" in name
+
+
+def _shape(node: fx.Node) -> tuple[int, ...] | None:
+    meta = node.meta.get("tensor_meta") or node.meta.get("val")
+    shape = getattr(meta, "shape", None)
+    return tuple(shape) if shape is not None else None
+
+
+def default_target(gm: fx.GraphModule, layer_norms: Sequence[tuple[str, fx.Node]]) -> fx.Node:
+    """The last spatial feature map before global pooling, from shape-annotated nodes.
+
+    - CNNs: the last node with a (B, C, h, w) output, h > 1 and w > 1, that is not an adaptive pooling
+      (so VGG's 7x7 ``AdaptiveAvgPool2d`` is skipped for ``features``' last layer);
+    - transformers (token maps (B, T, C) after the last spatial map, as in ViT): the first
+      LayerNorm of the last block that holds two of them (``ln_1`` / ``norm1``).
+
+    Args:
+        gm: graph whose nodes carry ``meta["tensor_meta"]`` (from shape propagation).
+        layer_norms: (module name, output node) of every LayerNorm module, in graph order.
+    """
+    modules = dict(gm.named_modules())
+    nodes = list(gm.graph.nodes)
+    order = {n: i for i, n in enumerate(nodes)}
+    spatial = [
+        n
+        for n in nodes
+        if n.op not in ("placeholder", "output")
+        and (shape := _shape(n)) is not None
+        and len(shape) == 4
+        and shape[2] > 1
+        and shape[3] > 1
+        and not _is_adaptive_pool(n, modules)
+    ]
+    last_spatial = order[spatial[-1]] if spatial else -1
+    token_norms = [
+        (name, n)
+        for name, n in layer_norms
+        if order[n] > last_spatial and len(_shape(n) or ()) == 3
+    ]
+    blocks: dict[str, list[fx.Node]] = {}
+    for name, node in token_norms:
+        blocks.setdefault(name.rpartition(".")[0], []).append(node)
+    pairs = [nodes_ for nodes_ in blocks.values() if len(nodes_) >= 2]
+    if pairs:
+        return pairs[-1][0]
+    if spatial:
+        return spatial[-1]
+    raise ValueError(
+        "no spatial feature map (B, C, h, w) found to default to; pass target_layer explicitly"
+    )
+
+
+def _grid(tokens: int, size: tuple[int, int]) -> tuple[int, int] | None:
+    """(h, w) with h*w == tokens and h/w equal to the image's aspect ratio, if any."""
+    height, width = size
+    h = round(math.sqrt(tokens * height / width))
+    for cand in (h, h - 1, h + 1):
+        if cand > 0 and tokens % cand == 0 and _aspect_matches((cand, tokens // cand), size):
+            return cand, tokens // cand
+    return None
+
+
+def _aspect_matches(hw: tuple[int, int], size: tuple[int, int]) -> bool:
+    (h, w), (height, width) = hw, size
+    return abs(math.log((h / w) / (height / width))) < math.log(1.5)
+
+
+def to_nchw(features: Tensor, reshape: Reshape, image_size: tuple[int, int]) -> Tensor:
+    """Feature map (or a gradient of it) in (..., C, h, w) layout.
+
+    Args:
+        features: ``(N, C, h, w)``; ``(N, H, W, C)`` (Swin); or tokens ``(N, T, C)`` (ViT),
+            where ``T = prefix + h*w`` and the prefix (class / distillation tokens) is dropped.
+        reshape: ``"vit"`` (one class token), ``"swin"`` (channels last), ``"none"`` (already
+            NCHW), a callable, or ``None`` to infer the layout from the shape and the image size.
+        image_size: (H, W) of the input image, used to infer h and w.
+    """
+    if callable(reshape):
+        return reshape(features)
+    if features.ndim == 3:
+        prefixes = (1,) if reshape == "vit" else range(0, 9)
+        for prefix in prefixes:
+            grid = _grid(features.shape[1] - prefix, image_size)
+            if grid is not None:
+                tokens = features[:, prefix:]
+                return tokens.reshape(features.shape[0], *grid, -1).permute(0, 3, 1, 2)
+        raise ValueError(
+            f"cannot lay {features.shape[1]} tokens out on a grid for an image of size "
+            f"{image_size}; pass reshape=callable"
+        )
+    if features.ndim != 4:
+        raise ValueError(
+            f"the target layer's output has shape {tuple(features.shape)}; expected (B, C, h, w), "
+            "(B, h, w, C) or tokens (B, T, C)"
+        )
+    if reshape in ("none", "nchw"):
+        return features
+    channels_last = reshape == "swin" or (
+        reshape is None
+        and _aspect_matches(tuple(features.shape[1:3]), image_size)
+        and not _aspect_matches(tuple(features.shape[2:4]), image_size)
+    )
+    if reshape not in (None, "swin"):
+        raise ValueError(f"unknown reshape {reshape!r}; use 'vit', 'swin', 'none' or a callable")
+    return features.permute(0, 3, 1, 2) if channels_last else features

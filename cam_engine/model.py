@@ -1,0 +1,264 @@
+"""``wrap``: a model rebuilt to return ``(logits, features)`` without hooks."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.passes.shape_prop import ShapeProp
+
+from .graph import Graph, HookCapture, Split, find_module_output, split, trace
+from .heads import GapLinear, find_gap_linear
+from .layers import default_target
+
+__all__ = ["CAMModel", "wrap", "select_output"]
+
+OutputSelector = int | str | Callable[[Any], Tensor] | None
+
+
+def select_output(output: Any, selector: OutputSelector = None) -> Tensor:
+    """The logits inside a model's output.
+
+    Args:
+        output: a tensor, or a tuple / list / dict / named tuple / dataclass of them.
+        selector: an index, a key (or attribute) name, a callable, or ``None`` for the first
+            tensor found (depth-first).
+    """
+    if callable(selector):
+        found = selector(output)
+    elif selector is None:
+        found = _first_tensor(output)
+    elif isinstance(selector, str):
+        found = output[selector] if isinstance(output, dict) else getattr(output, selector, None)
+    else:
+        found = output[selector]
+    if not isinstance(found, Tensor):
+        raise ValueError(
+            f"could not find the logits in the model's output ({type(output).__name__}); "
+            "pass output= an index, a key or a callable"
+        )
+    return found
+
+
+def _first_tensor(output: Any) -> Tensor | None:
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, dict):
+        items = list(output.values())
+    elif isinstance(output, tuple | list):
+        items = list(output)
+    elif hasattr(output, "__dataclass_fields__"):
+        items = [getattr(output, f) for f in output.__dataclass_fields__]
+    else:
+        return None
+    return next((t for t in map(_first_tensor, items) if t is not None), None)
+
+
+def _first_conv_channels(model: nn.Module) -> int:
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d | nn.Conv3d)), None)
+    return conv.in_channels if conv is not None else 3
+
+
+def _state_key(model: nn.Module) -> tuple:
+    tensor = next(model.parameters(), None)
+    if tensor is None:
+        tensor = next(model.buffers(), None)
+    where = (tensor.device, tensor.dtype) if tensor is not None else None
+    return model.training, where
+
+
+def _has_inplace(head: fx.GraphModule) -> bool:
+    for node in head.graph.nodes:
+        if node.kwargs.get("inplace") is True:
+            return True
+        if node.op == "call_method" and str(node.target).endswith("_"):
+            return True
+        if node.op == "call_module" and getattr(head.get_submodule(node.target), "inplace", False):
+            return True
+    return False
+
+
+@dataclass
+class _Built:
+    kind: str
+    target_layer: str
+    split: Split | None = None
+    hook: HookCapture | None = None
+    gap: GapLinear | None = None
+    head_inplace: bool = False
+    notes: list[str] = field(default_factory=list)
+
+
+class CAMModel(nn.Module):
+    """``model`` split at ``target_layer``: ``forward(x) -> (logits, features)``, no hooks.
+
+    The split is built with torch.fx, else ``torch.export``, else a forward-hook capture
+    (:attr:`split_kind` says which; :attr:`notes` why an earlier way failed). It is rebuilt when
+    the model's train/eval mode, device or dtype changes, since traced graphs depend on them. The
+    wrapped model is never modified: its mode, modules and parameters stay as the caller set them.
+
+    Args:
+        model: a classifier.
+        target_layer: a dotted module name (``"layer4"``, ``"features.35"``) or an FX node name;
+            ``None`` picks the last spatial feature map before global pooling (or, for vision
+            transformers, the first LayerNorm of the last block).
+        output: where the logits are in the model's output (see :func:`select_output`).
+        input_size: (H, W) of the example input used to choose the default layer and for
+            ``torch.export``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        target_layer: str | None = None,
+        *,
+        output: OutputSelector = None,
+        input_size: tuple[int, int] = (224, 224),
+    ) -> None:
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"expected an nn.Module, got {type(model).__name__}")
+        self.model = model
+        self.output = output
+        self.input_size = tuple(input_size)
+        self._requested = target_layer
+        self._built: dict[tuple, _Built] = {}
+        built = self.current()
+        self._requested = built.target_layer if built.kind != "hook" else target_layer
+
+    @property
+    def split_kind(self) -> str:
+        """``"fx"``, ``"export"`` or ``"hook"``."""
+        return self.current().kind
+
+    @property
+    def target_layer(self) -> str:
+        """The resolved target name."""
+        return self.current().target_layer
+
+    @property
+    def notes(self) -> list[str]:
+        """Why earlier split strategies were not used (empty for torch.fx)."""
+        return self.current().notes
+
+    @property
+    def gap_linear(self) -> GapLinear | None:
+        """The head's closed form when it is global-average-pool -> linear."""
+        return self.current().gap
+
+    def current(self) -> _Built:
+        """The split for the model's current mode, device and dtype (built on first use)."""
+        key = _state_key(self.model)
+        if key not in self._built:
+            self._built[key] = self._build()
+        return self._built[key]
+
+    def _example(self) -> Tensor:
+        tensor = next(self.model.parameters(), None)
+        kwargs = {"device": tensor.device, "dtype": tensor.dtype} if tensor is not None else {}
+        return torch.zeros(2, _first_conv_channels(self.model), *self.input_size, **kwargs)
+
+    def _build(self) -> _Built:
+        example = self._example()
+        graph, notes = trace(self.model, example)
+        if graph is not None:
+            node = self._target_node(graph, example)
+            parts = split(graph, node)
+            return _Built(
+                kind=graph.kind,
+                target_layer=graph.name_of(node),
+                split=parts,
+                gap=find_gap_linear(parts.head),
+                head_inplace=_has_inplace(parts.head),
+                notes=notes,
+            )
+        if self._requested is None:
+            raise ValueError(
+                "the model could not be traced, so no default target layer can be chosen; pass "
+                "target_layer= a module name. Tracing failed with: " + "; ".join(notes)
+            )
+        module = find_module_output(self.model, self._requested)
+        warnings.warn(
+            "model could not be traced (" + "; ".join(notes) + "); using a forward-hook capture "
+            f"of {self._requested!r} (no backward hooks, gradients still by autograd.grad)",
+            stacklevel=3,
+        )
+        return _Built("hook", self._requested, hook=HookCapture(self.model, module), notes=notes)
+
+    def _target_node(self, graph: Graph, example: Tensor) -> fx.Node:
+        if self._requested is not None:
+            return graph.node(self._requested)
+        if graph.kind == "fx":
+            _propagate_shapes(graph.module, example)
+        modules = dict(self.model.named_modules())
+        norms = [
+            (name, graph.names[name])
+            for name in graph.module_names
+            if isinstance(modules.get(name), nn.LayerNorm)
+        ]
+        return default_target(graph.module, norms)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Returns ``(logits (B, N), features)``; features as the target layer outputs them."""
+        built = self.current()
+        if built.hook is not None:
+            features, output = built.hook.run(x, grad_head=False)
+            return select_output(output, self.output), features
+        features, *extras = built.split.trunk(x)
+        head_input = features.clone() if built.head_inplace else features
+        return select_output(built.split.head(head_input, *extras), self.output), features
+
+    def explain_forward(
+        self, x: Tensor, closed_form: bool = True
+    ) -> tuple[Tensor, Tensor, GapLinear | None]:
+        """Trunk without autograd, head with it (or not at all, in closed form).
+
+        Returns:
+            ``(features, logits, gap)``. When ``gap`` is not ``None`` the head is
+            global-average-pool -> linear at this map size and mode, and ``logits`` carry no
+            graph; otherwise ``features`` is a leaf that requires grad and ``logits`` depend on it
+            through the head only, so ``torch.autograd.grad(scores, features)`` stops there.
+        """
+        built = self.current()
+        if built.hook is not None:
+            features, output = built.hook.run(x, grad_head=True)
+            return features, select_output(output, self.output), None
+        with torch.no_grad():
+            features, *extras = built.split.trunk(x)
+        gap = built.gap if closed_form and built.gap and built.gap.applies(features) else None
+        if gap is None:
+            features = features.detach().requires_grad_(True)
+        head_input = features.clone() if built.head_inplace else features
+        with torch.set_grad_enabled(gap is None):
+            output = built.split.head(head_input, *extras)
+        return features, select_output(output, self.output), gap
+
+
+def _propagate_shapes(gm: fx.GraphModule, example: Tensor) -> None:
+    """Annotate ``gm``'s nodes with ``meta["tensor_meta"]``, on fake tensors when possible."""
+    try:
+        mode = FakeTensorMode(allow_non_fake_inputs=True)
+        ShapeProp(gm, fake_mode=mode).propagate(mode.from_tensor(example))
+    except Exception:  # some ops have no fake kernel: pay for one real forward instead
+        with torch.no_grad():
+            ShapeProp(gm).propagate(example)
+
+
+def wrap(
+    model: nn.Module,
+    target_layer: str | None = None,
+    *,
+    output: OutputSelector = None,
+    input_size: tuple[int, int] = (224, 224),
+) -> CAMModel:
+    """Rebuild ``model`` so that ``forward(x)`` returns ``(logits, features)`` without hooks.
+
+    See :class:`CAMModel` for the arguments.
+    """
+    return CAMModel(model, target_layer, output=output, input_size=input_size)
