@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from . import methods, postprocess
-from .layers import Reshape, to_nchw
+from .layers import Reshape, check_reshape, to_nchw
 from .model import CAMModel, OutputSelector
 from .targets import Targets, resolve_classes
 
@@ -113,8 +113,7 @@ class CAMEngine:
         else:
             self.model = CAMModel(model, target_layer, output=output, input_size=input_size)
         self.method = methods.get(method)
-        if isinstance(reshape, str) and reshape not in ("vit", "swin", "none"):
-            raise ValueError(f"unknown reshape {reshape!r}; use 'vit', 'swin', 'none' or a callable")
+        check_reshape(reshape)
         self.reshape = reshape
         self.closed_form = closed_form
         self.check_finite = check_finite

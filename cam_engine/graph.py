@@ -19,6 +19,8 @@ Three ways to build the split, tried in order:
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import warnings
 from collections.abc import Callable, Iterable
@@ -120,9 +122,7 @@ def _trace_fx(model: nn.Module) -> Graph:
 
 def _trace_export(model: nn.Module, example: Tensor) -> Graph:
     batch = torch.export.Dim("batch", min=1)
-    gm = torch.export.export(
-        model, (example,), dynamic_shapes=({0: batch},), strict=False
-    ).module()
+    gm = torch.export.export(model, (example,), dynamic_shapes=({0: batch},), strict=False).module()
     nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
     members: dict[str, set[fx.Node]] = {}
     for node in nodes:
@@ -152,7 +152,8 @@ def trace(model: nn.Module, example: Tensor | None = None) -> tuple[Graph | None
         failures.append(f"torch.fx: {type(exc).__name__}: {_first_line(exc)}")
     if example is not None:
         try:
-            with warnings.catch_warnings():
+            # a failed export prints its partial graph to stderr; the fallback is expected
+            with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
                 warnings.simplefilter("ignore")
                 return _trace_export(model, example), failures
         except Exception as exc:

@@ -9,9 +9,16 @@ from collections.abc import Callable, Sequence
 import torch.fx as fx
 from torch import Tensor, nn
 
-__all__ = ["unknown_layer_error", "default_target", "to_nchw", "Reshape"]
+__all__ = ["unknown_layer_error", "default_target", "to_nchw", "check_reshape", "Reshape"]
 
 Reshape = str | Callable[[Tensor], Tensor] | None
+_RESHAPES = ("vit", "swin", "none")
+
+
+def check_reshape(reshape: Reshape) -> None:
+    """``ValueError`` unless ``reshape`` is None, a callable or one of 'vit', 'swin', 'none'."""
+    if not (reshape is None or callable(reshape) or reshape in _RESHAPES):
+        raise ValueError(f"unknown reshape {reshape!r}; use 'vit', 'swin', 'none' or a callable")
 
 
 def unknown_layer_error(name: str, modules: Sequence[str], nodes: Sequence[str]) -> ValueError:
@@ -44,8 +51,8 @@ def _shape(node: fx.Node) -> tuple[int, ...] | None:
 def default_target(gm: fx.GraphModule, layer_norms: Sequence[tuple[str, fx.Node]]) -> fx.Node:
     """The last spatial feature map before global pooling, from shape-annotated nodes.
 
-    - CNNs: the last node with a (B, C, h, w) output, h > 1 and w > 1, that is not an adaptive pooling
-      (so VGG's 7x7 ``AdaptiveAvgPool2d`` is skipped for ``features``' last layer);
+    - CNNs: the last node with a (B, C, h, w) output, h > 1 and w > 1, that is not an adaptive
+      pooling (so VGG's 7x7 ``AdaptiveAvgPool2d`` is skipped for ``features``' last layer);
     - transformers (token maps (B, T, C) after the last spatial map, as in ViT): the first
       LayerNorm of the last block that holds two of them (``ln_1`` / ``norm1``).
 
@@ -128,13 +135,11 @@ def to_nchw(features: Tensor, reshape: Reshape, image_size: tuple[int, int]) -> 
             f"the target layer's output has shape {tuple(features.shape)}; expected (B, C, h, w), "
             "(B, h, w, C) or tokens (B, T, C)"
         )
-    if reshape in ("none", "nchw"):
+    if reshape == "none":
         return features
     channels_last = reshape == "swin" or (
         reshape is None
         and _aspect_matches(tuple(features.shape[1:3]), image_size)
         and not _aspect_matches(tuple(features.shape[2:4]), image_size)
     )
-    if reshape not in (None, "swin"):
-        raise ValueError(f"unknown reshape {reshape!r}; use 'vit', 'swin', 'none' or a callable")
     return features.permute(0, 3, 1, 2) if channels_last else features

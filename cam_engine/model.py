@@ -93,6 +93,7 @@ class _Built:
     gap: GapLinear | None = None
     head_inplace: bool = False
     notes: list[str] = field(default_factory=list)
+    input_shape: tuple[int, ...] | None = None  # export graphs are exact at one (C, H, W)
 
 
 class CAMModel(nn.Module):
@@ -152,20 +153,30 @@ class CAMModel(nn.Module):
         """The head's closed form when it is global-average-pool -> linear."""
         return self.current().gap
 
-    def current(self) -> _Built:
-        """The split for the model's current mode, device and dtype (built on first use)."""
+    def current(self, x: Tensor | None = None) -> _Built:
+        """The split for the model's current mode, device and dtype (built on first use).
+
+        ``torch.export`` graphs bake shape-dependent control flow in, so with ``x`` given they
+        are re-exported per input shape (the batch size stays dynamic).
+        """
         key = _state_key(self.model)
         if key not in self._built:
-            self._built[key] = self._build()
-        return self._built[key]
+            self._built[key] = self._build(self._example())
+        built = self._built[key]
+        if built.kind == "export" and x is not None and tuple(x.shape[1:]) != built.input_shape:
+            key = (*key, tuple(x.shape[1:]))
+            if key not in self._built:
+                self._built[key] = self._build(self._example(tuple(x.shape[1:])))
+            built = self._built[key]
+        return built
 
-    def _example(self) -> Tensor:
+    def _example(self, shape: tuple[int, ...] | None = None) -> Tensor:
         tensor = next(self.model.parameters(), None)
         kwargs = {"device": tensor.device, "dtype": tensor.dtype} if tensor is not None else {}
-        return torch.zeros(2, _first_conv_channels(self.model), *self.input_size, **kwargs)
+        shape = shape or (_first_conv_channels(self.model), *self.input_size)
+        return torch.zeros(2, *shape, **kwargs)
 
-    def _build(self) -> _Built:
-        example = self._example()
+    def _build(self, example: Tensor) -> _Built:
         graph, notes = trace(self.model, example)
         if graph is not None:
             node = self._target_node(graph, example)
@@ -177,6 +188,7 @@ class CAMModel(nn.Module):
                 gap=find_gap_linear(parts.head),
                 head_inplace=_has_inplace(parts.head),
                 notes=notes,
+                input_shape=tuple(example.shape[1:]) if graph.kind == "export" else None,
             )
         if self._requested is None:
             raise ValueError(
@@ -206,7 +218,7 @@ class CAMModel(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Returns ``(logits (B, N), features)``; features as the target layer outputs them."""
-        built = self.current()
+        built = self.current(x)
         if built.hook is not None:
             features, output = built.hook.run(x, grad_head=False)
             return select_output(output, self.output), features
@@ -225,7 +237,7 @@ class CAMModel(nn.Module):
             graph; otherwise ``features`` is a leaf that requires grad and ``logits`` depend on it
             through the head only, so ``torch.autograd.grad(scores, features)`` stops there.
         """
-        built = self.current()
+        built = self.current(x)
         if built.hook is not None:
             features, output = built.hook.run(x, grad_head=True)
             return features, select_output(output, self.output), None

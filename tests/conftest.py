@@ -1,0 +1,56 @@
+"""Shared test helpers: random-init models made to behave like trained ones."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+
+def calibrate_bn(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    """Give a random-init model O(1) activations: BatchNorm statistics of one batch, then eval.
+
+    Random-init torchvision models have running stats (0, 1) that do not fit their activations,
+    so maps vanish (~1e-13). Cumulative statistics (momentum=None) of one train-mode pass fix it.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.reset_running_stats()
+            module.momentum = None
+    model.train()
+    with torch.no_grad():
+        model(x)
+    return model.eval()
+
+
+def make_model(name: str, size: int = 64, dtype: torch.dtype = torch.float64, seed: int = 0):
+    """A calibrated torchvision classifier, weights=None, in ``dtype``, on the CPU."""
+    torch.manual_seed(seed)
+    kwargs = {}
+    if name in ("googlenet", "inception_v3"):
+        kwargs = {"aux_logits": False, "init_weights": False}
+    if name.startswith(("vit", "swin", "maxvit")):
+        kwargs = {"image_size": size} if name.startswith("vit") else {}
+    model = getattr(torchvision.models, name)(weights=None, **kwargs).to(dtype)
+    if name.startswith("vit"):  # torchvision zero-initialises the ViT head: no gradient at all
+        nn.init.normal_(model.heads.head.weight, std=0.02)
+    generator = torch.Generator().manual_seed(seed + 1)
+    return calibrate_bn(model, torch.randn(8, 3, size, size, dtype=dtype, generator=generator))
+
+
+def images(batch: int = 2, size: int | tuple[int, int] = 64, dtype=torch.float64, seed: int = 2):
+    """A reproducible batch of random images (B, 3, H, W)."""
+    height, width = (size, size) if isinstance(size, int) else size
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 3, height, width, dtype=dtype, generator=generator)
+
+
+@pytest.fixture(scope="session")
+def resnet18():
+    return make_model("resnet18")
+
+
+@pytest.fixture(scope="session")
+def vgg11_bn():
+    return make_model("vgg11_bn")
