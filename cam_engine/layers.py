@@ -120,7 +120,8 @@ def to_nchw(features: Tensor, reshape: Reshape, image_size: tuple[int, int]) -> 
     if callable(reshape):
         return reshape(features)
     if features.ndim == 3:
-        prefixes = (1,) if reshape == "vit" else range(0, 9)
+        # inferred: the fewest prefix tokens (class, distillation, registers) leaving a grid
+        prefixes = (1,) if reshape == "vit" else range(0, min(9, features.shape[1] - 3))
         for prefix in prefixes:
             grid = _grid(features.shape[1] - prefix, image_size)
             if grid is not None:

@@ -35,7 +35,7 @@ def select_output(output: Any, selector: OutputSelector = None) -> Tensor:
     elif selector is None:
         found = _first_tensor(output)
     elif isinstance(selector, str):
-        found = output[selector] if isinstance(output, dict) else getattr(output, selector, None)
+        found = output.get(selector) if isinstance(output, dict) else getattr(output, selector, None)
     else:
         found = output[selector]
     if not isinstance(found, Tensor):

@@ -1,0 +1,278 @@
+"""From raw class-activation maps to heatmaps, colour images and overlays.
+
+Every function is pure torch and batched: it runs on the tensors' device, has no Python loop over
+images and never synchronises with the host. The library's rule for heatmaps is to upsample the
+ReLU'd low-resolution map to the input size (bilinear, half-pixel centres, i.e.
+``align_corners=False``) and then min-max normalise each full-resolution map to [0, 1].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from functools import cache, partial
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "upsample",
+    "normalize",
+    "heatmaps",
+    "available_colormaps",
+    "colormap_lut",
+    "colorize",
+    "overlay",
+]
+
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def upsample(cams: Tensor, size: int | Sequence[int]) -> Tensor:
+    """Resize maps to ``size`` with linear interpolation and half-pixel centres.
+
+    Args:
+        cams: (B, K, h, w) maps (bilinear) or (B, K, d, h, w) volumes (trilinear), floating point.
+        size: target spatial size, (H, W) or (D, H, W); an int is used for every spatial dim.
+
+    Returns:
+        (B, K, H, W) or (B, K, D, H, W), same dtype and device as ``cams``; ``cams`` itself when
+        it already has that size.
+    """
+    if cams.ndim not in (4, 5):
+        raise ValueError(
+            f"cams must be (B, K, h, w) or (B, K, d, h, w), got shape {tuple(cams.shape)}"
+        )
+    if not cams.is_floating_point():
+        raise ValueError(f"cams must be floating point, got {cams.dtype}")
+    n_spatial = cams.ndim - 2
+    size = (int(size),) * n_spatial if isinstance(size, int) else tuple(int(s) for s in size)
+    if len(size) != n_spatial:
+        raise ValueError(f"size {size} has {len(size)} dims, cams have {n_spatial} spatial dims")
+    if tuple(cams.shape[2:]) == size:
+        return cams
+    mode = "bilinear" if n_spatial == 2 else "trilinear"
+    return F.interpolate(cams, size=size, mode=mode, align_corners=False)
+
+
+def normalize(maps: Tensor) -> Tensor:
+    """Min-max normalise each map to [0, 1] over its spatial dims.
+
+    ``(m - min) / (max - min)`` with no epsilon, so maps of any magnitude (1e-13 included) reach
+    exactly 0 and 1; a flat map (max == min) becomes all zeros. NaNs are not checked for.
+    float16 / bfloat16 maps are computed in float32 and cast back.
+
+    Args:
+        maps: (B, K, *spatial) floating point, at least one spatial dim.
+
+    Returns:
+        (B, K, *spatial), same dtype and device as ``maps``.
+    """
+    if maps.ndim < 3:
+        raise ValueError(f"maps must be (B, K, *spatial), got shape {tuple(maps.shape)}")
+    if not maps.is_floating_point():
+        raise ValueError(f"maps must be floating point, got {maps.dtype}")
+    work = maps.float() if maps.dtype in _HALF_DTYPES else maps
+    flat = work.flatten(2)
+    lo, hi = torch.aminmax(flat, dim=-1, keepdim=True)
+    span = hi - lo
+    # A flat map has span 0 and m - lo == 0 everywhere: dividing by 1 gives zeros.
+    out = (flat - lo) / torch.where(span > 0, span, torch.ones_like(span))
+    return out.view(maps.shape).to(maps.dtype)
+
+
+def heatmaps(cams: Tensor, size: int | Sequence[int]) -> Tensor:
+    """Heatmaps by the library's rule: :func:`upsample`, then :func:`normalize`.
+
+    Args:
+        cams: (B, K, h, w) (or (B, K, d, h, w)) ReLU'd class-activation maps.
+        size: output spatial size (H, W) (or (D, H, W)).
+
+    Returns:
+        (B, K, H, W) in [0, 1]; float64 for float64 ``cams``, float32 otherwise.
+    """
+    dtype = torch.float64 if cams.dtype == torch.float64 else torch.float32
+    return normalize(upsample(cams.to(dtype), size))
+
+
+# Colour maps ------------------------------------------------------------------------------------
+
+# Breakpoints (index, r, g, b) of matplotlib's 256-entry colour tables: exact uint8 entries, chosen
+# so that linear interpolation between them reproduces every entry within one level.
+# viridis, inferno, magma, plasma: Stefan van der Walt and Nathaniel Smith, CC0.
+# turbo: Anton Mikhailov, Google LLC, Apache-2.0.
+# fmt: off
+_KNOTS: dict[str, tuple[tuple[int, int, int, int], ...]] = {
+    "turbo": (
+        (0, 48, 18, 59), (8, 57, 42, 115), (16, 64, 64, 162), (24, 68, 86, 199),
+        (31, 70, 105, 224), (38, 71, 123, 242), (44, 69, 138, 252), (50, 64, 153, 255),
+        (58, 51, 173, 247), (66, 37, 192, 231), (74, 26, 210, 210), (82, 24, 224, 189),
+        (89, 32, 234, 172), (98, 56, 244, 145), (113, 113, 254, 95), (123, 150, 254, 68),
+        (132, 175, 250, 55), (141, 198, 240, 52), (155, 229, 217, 56), (166, 246, 195, 58),
+        (176, 253, 172, 52), (188, 253, 138, 38), (202, 242, 96, 20), (213, 228, 69, 10),
+        (228, 200, 40, 3), (243, 161, 18, 1), (255, 122, 4, 3),
+    ),
+    "viridis": (
+        (0, 68, 1, 84), (20, 72, 29, 111), (35, 70, 48, 126), (58, 62, 76, 138),
+        (94, 45, 113, 142), (132, 31, 148, 140), (147, 31, 162, 135), (162, 42, 176, 127),
+        (179, 68, 191, 112), (198, 108, 205, 90), (223, 170, 220, 50), (237, 208, 225, 28),
+        (244, 226, 228, 24), (253, 248, 230, 33), (255, 253, 231, 37),
+    ),
+    "inferno": (
+        (0, 0, 0, 4), (7, 3, 2, 16), (22, 18, 10, 50), (35, 38, 12, 81), (45, 56, 9, 98),
+        (58, 77, 13, 108), (81, 114, 26, 110), (105, 152, 39, 102), (128, 188, 55, 84),
+        (151, 218, 78, 60), (172, 239, 108, 35), (193, 250, 144, 8), (199, 251, 155, 6),
+        (206, 252, 168, 13), (217, 251, 190, 35), (229, 246, 213, 67), (238, 242, 230, 97),
+        (246, 242, 244, 130), (254, 250, 253, 161), (255, 252, 255, 164),
+    ),
+    "magma": (
+        (0, 0, 0, 4), (7, 3, 3, 15), (20, 14, 11, 43), (37, 36, 18, 83), (48, 54, 16, 107),
+        (58, 71, 16, 120), (75, 98, 25, 128), (104, 144, 42, 129), (131, 188, 57, 120),
+        (151, 219, 71, 106), (168, 239, 93, 94), (182, 248, 118, 92), (196, 252, 144, 101),
+        (216, 254, 182, 124), (244, 253, 233, 170), (255, 252, 253, 191),
+    ),
+    "plasma": (
+        (0, 13, 8, 135), (8, 34, 6, 144), (31, 75, 3, 161), (52, 108, 0, 168), (68, 132, 5, 167),
+        (88, 160, 26, 156), (122, 198, 65, 125), (161, 231, 110, 91), (193, 249, 151, 63),
+        (221, 254, 192, 41), (237, 250, 218, 36), (251, 242, 242, 39), (254, 240, 247, 36),
+        (255, 240, 249, 33),
+    ),
+}
+# fmt: on
+
+
+def _from_knots(knots: tuple[tuple[int, int, int, int], ...]) -> Tensor:
+    table = torch.tensor(knots, dtype=torch.float64)
+    x, rgb = table[:, 0].contiguous(), table[:, 1:]
+    j = torch.arange(256, dtype=torch.float64)
+    seg = (torch.searchsorted(x, j, right=True) - 1).clamp(0, len(knots) - 2)
+    x0, x1 = x[seg], x[seg + 1]
+    t = ((j - x0) / (x1 - x0)).unsqueeze(1)
+    return (rgb[seg] + (rgb[seg + 1] - rgb[seg]) * t).round()
+
+
+def _jet() -> Tensor:
+    # Jet: channel = clip(1.5 - 4 |x - c|, 0, 1), c = 3/4, 1/2, 1/4 for R, G, B, sampled at
+    # x = j / 255. Times 255 this is 382.5 - |4 j - 1020 c|: exact in binary, so the halves round
+    # to even as in OpenCV's COLORMAP_JET (whose float32 table is one level lower in one entry).
+    four_j = 4 * torch.arange(256, dtype=torch.float64).unsqueeze(1)
+    centres = torch.tensor([765.0, 510.0, 255.0], dtype=torch.float64)
+    return (382.5 - (four_j - centres).abs()).clamp(0, 255).round()
+
+
+def _gray() -> Tensor:
+    return torch.arange(256, dtype=torch.float64).unsqueeze(1).expand(256, 3)
+
+
+_BUILDERS = {
+    "jet": _jet,
+    "gray": _gray,
+    **{name: partial(_from_knots, knots) for name, knots in _KNOTS.items()},
+}
+
+
+def available_colormaps() -> list[str]:
+    """Names accepted by :func:`colormap_lut`, :func:`colorize` and :func:`overlay`."""
+    return sorted(_BUILDERS)
+
+
+@cache
+def _cached_lut(name: str, device: torch.device) -> Tensor:
+    with torch.inference_mode(False), torch.no_grad():
+        return _BUILDERS[name]().to(torch.uint8).contiguous().to(device)
+
+
+def colormap_lut(name: str, device: torch.device | str | None = None) -> Tensor:
+    """The 256-entry RGB lookup table of a colour map.
+
+    ``"jet"`` equals OpenCV's ``COLORMAP_JET`` (as RGB; what pytorch-grad-cam shows) within one
+    level; ``"turbo"``, ``"viridis"``, ``"inferno"``, ``"magma"`` and ``"plasma"`` equal
+    matplotlib's within one level; ``"gray"`` is the identity.
+
+    Args:
+        name: one of :func:`available_colormaps` (case-insensitive).
+        device: where the table lives; CPU by default.
+
+    Returns:
+        (256, 3) uint8, row ``i`` the colour of level ``i``. Cached per (name, device) and shared:
+        do not modify it in place.
+    """
+    key = name.lower() if isinstance(name, str) else name
+    if key not in _BUILDERS:
+        names = ", ".join(available_colormaps())
+        raise ValueError(f"unknown colormap {name!r}; available: {names}")
+    dev = torch.device("cpu") if device is None else torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    return _cached_lut(key, dev)
+
+
+def colorize(heatmaps: Tensor, colormap: str = "jet") -> Tensor:
+    """Colour heatmaps through a colour map's lookup table, on their device.
+
+    The level of a value ``h`` is ``round(255 h)`` clamped to [0, 255] (NaN -> 0).
+
+    Args:
+        heatmaps: (B, K, H, W) (any ``(*, H, W)``) floating point in [0, 1].
+        colormap: one of :func:`available_colormaps`.
+
+    Returns:
+        (B, K, 3, H, W) (``(*, 3, H, W)``) uint8 RGB.
+    """
+    if not heatmaps.is_floating_point():
+        raise ValueError(f"heatmaps must be floating point in [0, 1], got {heatmaps.dtype}")
+    if heatmaps.ndim < 2:
+        raise ValueError(f"heatmaps must be (*, H, W), got shape {tuple(heatmaps.shape)}")
+    lut = colormap_lut(colormap, heatmaps.device)
+    h = heatmaps.detach()
+    h = h if h.dtype == torch.float64 else h.float()
+    levels = h.nan_to_num(0.0).mul_(255).round_().clamp_(0, 255).long()
+    return lut[levels].movedim(-1, -3).contiguous()
+
+
+def overlay(images: Tensor, heatmaps: Tensor, colormap: str = "jet", alpha: float = 0.5) -> Tensor:
+    """Blend coloured heatmaps over their images: ``round(alpha * colour + (1 - alpha) * image)``.
+
+    Args:
+        images: (B, 3, H, W) RGB, uint8 or floating point in [0, 1] (scaled to 0..255, rounded).
+        heatmaps: (B, K, H, W) or (B, H, W) floating point in [0, 1], the images' size (resize
+            them first with :func:`upsample` or :func:`heatmaps`; nothing is resized here).
+        colormap: one of :func:`available_colormaps`.
+        alpha: weight of the colour, in [0, 1].
+
+    Returns:
+        (B, K, 3, H, W) uint8 RGB, one overlay per image and map.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be (B, 3, H, W) RGB, got shape {tuple(images.shape)}")
+    if images.dtype != torch.uint8 and not images.is_floating_point():
+        raise ValueError(f"images must be uint8 or floating point in [0, 1], got {images.dtype}")
+    if not heatmaps.is_floating_point():
+        raise ValueError(f"heatmaps must be floating point in [0, 1], got {heatmaps.dtype}")
+    if heatmaps.ndim == 3:
+        heatmaps = heatmaps.unsqueeze(1)
+    if heatmaps.ndim != 4:
+        raise ValueError(
+            f"heatmaps must be (B, K, H, W) or (B, H, W), got shape {tuple(heatmaps.shape)}"
+        )
+    if heatmaps.shape[0] != images.shape[0]:
+        raise ValueError(
+            f"batch size mismatch: {images.shape[0]} images, {heatmaps.shape[0]} heatmap sets"
+        )
+    if heatmaps.shape[-2:] != images.shape[-2:]:
+        raise ValueError(
+            f"heatmaps are {tuple(heatmaps.shape[-2:])} but images are "
+            f"{tuple(images.shape[-2:])}; overlay does not resize: upsample the maps first "
+            "(postprocess.upsample / postprocess.heatmaps)"
+        )
+    if heatmaps.device != images.device:
+        raise ValueError(f"images on {images.device} but heatmaps on {heatmaps.device}")
+    if images.dtype == torch.uint8:
+        base = images.float()
+    else:
+        base = images.detach().float().clamp(0, 1).mul_(255).round_()
+    colours = colorize(heatmaps, colormap).float()
+    blended = colours.mul_(alpha).add_(base.unsqueeze(1), alpha=1.0 - alpha)
+    return blended.round_().clamp_(0, 255).to(torch.uint8)

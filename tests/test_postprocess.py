@@ -1,0 +1,374 @@
+"""cam_engine.postprocess against independent references (OpenCV, matplotlib, NumPy loops)."""
+
+import ast
+import inspect
+
+import cv2
+import matplotlib
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cam_engine import postprocess as P
+
+FLOATS = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def _rng(seed=0):
+    return np.random.default_rng(seed)
+
+
+def _cv2_jet_rgb():
+    lut = cv2.applyColorMap(np.arange(256, dtype=np.uint8), cv2.COLORMAP_JET)
+    return lut.reshape(256, 3)[:, ::-1].astype(np.int64)
+
+
+def _mpl_lut(name):
+    return np.round(matplotlib.colormaps[name](np.arange(256) / 255)[:, :3] * 255).astype(np.int64)
+
+
+# upsample ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("src", "dst"), [((7, 7), (224, 224)), ((5, 9), (37, 20)), ((14, 14), (5, 6))]
+)
+def test_upsample_matches_cv2_inter_linear(src, dst):
+    cams = _rng().standard_normal((2, 3, *src)).astype(np.float32)
+    out = P.upsample(torch.from_numpy(cams), dst)
+    assert out.shape == (2, 3, *dst) and out.dtype == torch.float32
+    for b in range(2):
+        for k in range(3):
+            ref = cv2.resize(cams[b, k], (dst[1], dst[0]), interpolation=cv2.INTER_LINEAR)
+            np.testing.assert_allclose(out[b, k].numpy(), ref, atol=1e-5, rtol=0)
+
+
+def test_upsample_same_size_is_identity():
+    cams = torch.rand(2, 3, 8, 9)
+    assert P.upsample(cams, (8, 9)) is cams
+    assert P.upsample(cams, torch.Size([8, 9])) is cams
+
+
+def test_upsample_int_size():
+    assert P.upsample(torch.rand(1, 2, 4, 4), 10).shape == (1, 2, 10, 10)
+
+
+def test_upsample_3d_trilinear():
+    vol = torch.rand(2, 3, 4, 5, 6, dtype=torch.float64)
+    out = P.upsample(vol, (8, 10, 12))
+    assert out.shape == (2, 3, 8, 10, 12) and out.dtype == torch.float64
+    ref = F.interpolate(vol, size=(8, 10, 12), mode="trilinear", align_corners=False)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    const = torch.full((1, 1, 3, 3, 3), 0.25)
+    torch.testing.assert_close(P.upsample(const, (7, 7, 7)), torch.full((1, 1, 7, 7, 7), 0.25))
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_upsample_keeps_dtype(dtype):
+    cams = torch.rand(2, 3, 7, 7, dtype=torch.float64)
+    out = P.upsample(cams.to(dtype), (20, 30))
+    assert out.dtype == dtype
+    ref = P.upsample(cams.to(dtype).double(), (20, 30))
+    torch.testing.assert_close(out.double(), ref, atol=1e-2, rtol=0)
+
+
+def test_upsample_errors():
+    with pytest.raises(ValueError, match="spatial"):
+        P.upsample(torch.rand(1, 2, 4, 4), (8, 8, 8))
+    with pytest.raises(ValueError, match="floating"):
+        P.upsample(torch.ones(1, 2, 4, 4, dtype=torch.int64), (8, 8))
+    with pytest.raises(ValueError, match="B, K"):
+        P.upsample(torch.rand(2, 4, 4), (8, 8))
+
+
+# normalize ---------------------------------------------------------------------------------------
+
+
+def _np_minmax(maps):
+    flat = maps.reshape(*maps.shape[:2], -1).astype(np.float64)
+    lo, hi = flat.min(-1, keepdims=True), flat.max(-1, keepdims=True)
+    span = hi - lo
+    out = np.where(span > 0, (flat - lo) / np.where(span > 0, span, 1), 0.0)
+    return out.reshape(maps.shape)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_normalize_matches_numpy(dtype):
+    maps = _rng(1).standard_normal((3, 4, 6, 7)) * 5 + 2
+    out = P.normalize(torch.from_numpy(maps).to(dtype))
+    assert out.dtype == dtype and out.shape == maps.shape
+    atol = 1e-12 if dtype == torch.float64 else 1e-6
+    np.testing.assert_allclose(out.double().numpy(), _np_minmax(maps), atol=atol, rtol=0)
+
+
+def test_normalize_hand_computed():
+    maps = torch.tensor([[[[1.0, 3.0], [5.0, 2.0]]]])
+    expected = torch.tensor([[[[0.0, 0.5], [1.0, 0.25]]]])
+    torch.testing.assert_close(P.normalize(maps), expected, rtol=0, atol=0)
+
+
+def test_normalize_flat_maps_become_zero():
+    maps = torch.rand(2, 3, 5, 5)
+    maps[0, 1] = 7.0
+    maps[1, 2] = 0.0
+    out = P.normalize(maps)
+    assert torch.equal(out[0, 1], torch.zeros(5, 5))
+    assert torch.equal(out[1, 2], torch.zeros(5, 5))
+    assert torch.equal(out[0, 0].min(), torch.tensor(0.0))
+    assert torch.equal(out[0, 0].max(), torch.tensor(1.0))
+
+
+@pytest.mark.parametrize(
+    ("dtype", "scale"), [(torch.float32, 1e-13), (torch.float64, 1e-13), (torch.float64, 1e-300)]
+)
+def test_normalize_tiny_maps_reach_exact_unit_range(dtype, scale):
+    maps = torch.rand(4, 3, 9, 9, dtype=torch.float64).mul(scale).to(dtype)
+    out = P.normalize(maps)
+    flat = out.flatten(2)
+    assert torch.all(flat.amin(-1) == 0)
+    assert torch.all(flat.amax(-1) == 1)
+    assert torch.all((out >= 0) & (out <= 1))
+    np.testing.assert_allclose(out.numpy(), _np_minmax(maps.numpy()), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_normalize_half_keeps_dtype(dtype):
+    maps = torch.randn(2, 3, 6, 6).mul(100).to(dtype)
+    out = P.normalize(maps)
+    assert out.dtype == dtype
+    np.testing.assert_allclose(out.double().numpy(), _np_minmax(maps.double().numpy()), atol=1e-2)
+    assert torch.all(out.flatten(2).amax(-1) == 1) and torch.all(out.flatten(2).amin(-1) == 0)
+
+
+def test_normalize_3d_and_errors():
+    vol = torch.rand(2, 2, 3, 4, 5, dtype=torch.float64)
+    np.testing.assert_allclose(P.normalize(vol).numpy(), _np_minmax(vol.numpy()), atol=1e-12)
+    with pytest.raises(ValueError):
+        P.normalize(torch.rand(3, 4))
+    with pytest.raises(ValueError, match="floating"):
+        P.normalize(torch.ones(1, 1, 3, 3, dtype=torch.int32))
+
+
+# heatmaps ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_heatmaps_upsample_then_normalize(dtype):
+    cams = torch.rand(2, 3, 7, 7, dtype=torch.float64).to(dtype)
+    out = P.heatmaps(cams, (32, 40))
+    expected_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    assert out.dtype == expected_dtype and out.shape == (2, 3, 32, 40)
+    src = cams.double().numpy()
+    ref = np.stack(
+        [[cv2.resize(m, (40, 32), interpolation=cv2.INTER_LINEAR) for m in row] for row in src]
+    )
+    np.testing.assert_allclose(out.double().numpy(), _np_minmax(ref), atol=1e-5, rtol=0)
+    flat = out.flatten(2)
+    assert torch.all(flat.amin(-1) == 0) and torch.all(flat.amax(-1) == 1)
+
+
+def test_heatmaps_same_size_still_normalised():
+    cams = torch.rand(1, 2, 8, 8) * 3
+    out = P.heatmaps(cams, (8, 8))
+    np.testing.assert_allclose(out.numpy(), _np_minmax(cams.numpy()), atol=1e-6)
+
+
+# colour maps -------------------------------------------------------------------------------------
+
+
+def test_jet_matches_opencv():
+    lut = P.colormap_lut("jet")
+    assert lut.dtype == torch.uint8 and lut.shape == (256, 3)
+    diff = np.abs(lut.numpy().astype(np.int64) - _cv2_jet_rgb())
+    assert diff.max() <= 1
+    assert (diff.max(1) == 0).sum() >= 255  # all but OpenCV's one float32 rounding quirk
+
+
+@pytest.mark.parametrize("name", ["turbo", "viridis", "inferno", "magma", "plasma"])
+def test_matplotlib_colormaps(name):
+    lut = P.colormap_lut(name)
+    assert lut.dtype == torch.uint8 and lut.shape == (256, 3)
+    assert np.abs(lut.numpy().astype(np.int64) - _mpl_lut(name)).max() <= 1
+
+
+def test_gray_and_listing():
+    gray = P.colormap_lut("gray")
+    assert torch.equal(gray, torch.arange(256, dtype=torch.uint8)[:, None].expand(256, 3))
+    names = P.available_colormaps()
+    assert {"jet", "turbo", "viridis", "gray", "inferno"} <= set(names)
+    assert names == sorted(names)
+
+
+def test_colormap_lut_cached_and_case_insensitive():
+    assert P.colormap_lut("jet") is P.colormap_lut("jet", "cpu")
+    assert torch.equal(P.colormap_lut("JET"), P.colormap_lut("jet"))
+
+
+def test_unknown_colormap():
+    with pytest.raises(ValueError, match="jet") as info:
+        P.colormap_lut("nope")
+    assert "viridis" in str(info.value) and "nope" in str(info.value)
+    with pytest.raises(ValueError, match="jet"):
+        P.colorize(torch.rand(1, 1, 2, 2), "nope")
+
+
+# colorize ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_colorize_matches_opencv(dtype):
+    heat = torch.rand(2, 3, 5, 6, dtype=torch.float64).to(dtype)
+    out = P.colorize(heat, "jet")
+    assert out.dtype == torch.uint8 and out.shape == (2, 3, 3, 5, 6) and out.is_contiguous()
+    levels = np.clip(np.round(heat.double().numpy() * 255), 0, 255).astype(np.uint8)
+    for b in range(2):
+        for k in range(3):
+            ref = cv2.applyColorMap(levels[b, k], cv2.COLORMAP_JET)[..., ::-1]  # (H, W, 3) RGB
+            got = out[b, k].permute(1, 2, 0).numpy().astype(np.int64)
+            assert np.abs(got - ref.astype(np.int64)).max() <= 1
+
+
+def test_colorize_clamps_and_nan():
+    heat = torch.tensor([[[[-0.5, 0.0, float("nan")], [1.0, 2.0, float("inf")]]]])
+    out = P.colorize(heat, "gray")[0, 0, 0]
+    assert out.tolist() == [[0, 0, 0], [255, 255, 255]]
+
+
+def test_colorize_rounds_to_nearest_level():
+    heat = torch.tensor([[[[10.4 / 255, 10.6 / 255]]]], dtype=torch.float64)
+    assert P.colorize(heat, "gray")[0, 0, 0].tolist() == [[10, 11]]
+
+
+def test_colorize_rejects_integer():
+    with pytest.raises(ValueError, match="floating"):
+        P.colorize(torch.zeros(1, 1, 2, 2, dtype=torch.uint8))
+
+
+# overlay -----------------------------------------------------------------------------------------
+
+
+def _np_overlay(images, heat, lut, alpha):
+    """Reference: one image and class at a time, in float64."""
+    b_, k_ = heat.shape[:2]
+    out = np.zeros((b_, k_, 3, *heat.shape[2:]), dtype=np.uint8)
+    for b in range(b_):
+        img = images[b].transpose(1, 2, 0).astype(np.float64)  # (H, W, 3)
+        for k in range(k_):
+            levels = np.clip(np.round(heat[b, k].astype(np.float64) * 255), 0, 255).astype(int)
+            colour = lut[levels].astype(np.float64)  # (H, W, 3)
+            blend = np.clip(np.round(alpha * colour + (1 - alpha) * img), 0, 255)
+            out[b, k] = blend.astype(np.uint8).transpose(2, 0, 1)
+    return out
+
+
+def _inputs(b=2, k=3, h=9, w=11, seed=0):
+    rng = _rng(seed)
+    images = rng.integers(0, 256, (b, 3, h, w), dtype=np.uint8)
+    heat = rng.random((b, k, h, w)).astype(np.float32)
+    return images, heat
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 0.3, 1.0])
+def test_overlay_matches_numpy_loop_with_opencv_jet(alpha):
+    images, heat = _inputs()
+    out = P.overlay(torch.from_numpy(images), torch.from_numpy(heat), "jet", alpha)
+    assert out.dtype == torch.uint8 and out.shape == (2, 3, 3, 9, 11)
+    ref = _np_overlay(images, heat, _cv2_jet_rgb(), alpha)
+    assert np.abs(out.numpy().astype(int) - ref.astype(int)).max() <= 1
+
+
+@pytest.mark.parametrize("name", ["viridis", "turbo"])
+def test_overlay_matches_numpy_loop_with_matplotlib(name):
+    images, heat = _inputs(seed=3)
+    out = P.overlay(torch.from_numpy(images), torch.from_numpy(heat), name, 0.4)
+    ref = _np_overlay(images, heat, _mpl_lut(name), 0.4)
+    assert np.abs(out.numpy().astype(int) - ref.astype(int)).max() <= 1
+
+
+def test_overlay_blend_exact_at_half():
+    images, heat = _inputs(seed=5)
+    out = P.overlay(torch.from_numpy(images), torch.from_numpy(heat), "turbo", 0.5)
+    ref = _np_overlay(images, heat, P.colormap_lut("turbo").numpy(), 0.5)
+    np.testing.assert_array_equal(out.numpy(), ref)
+
+
+def test_overlay_alpha_extremes():
+    images, heat = _inputs()
+    img_t, heat_t = torch.from_numpy(images), torch.from_numpy(heat)
+    assert torch.equal(
+        P.overlay(img_t, heat_t, alpha=0.0), img_t[:, None].expand(-1, 3, -1, -1, -1)
+    )
+    assert torch.equal(P.overlay(img_t, heat_t, alpha=1.0), P.colorize(heat_t))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_overlay_float_images_and_heatmaps(dtype):
+    images, heat = _inputs(seed=7)
+    heat_t = torch.from_numpy(heat).to(dtype)
+    ref = P.overlay(torch.from_numpy(images), heat_t.double())
+    float_images = (torch.from_numpy(images).double() / 255).to(dtype)  # k / 255 -> k again
+    out = P.overlay(float_images, heat_t)
+    assert out.dtype == torch.uint8
+    assert torch.equal(out, ref)
+
+
+def test_overlay_three_dim_heatmaps():
+    images, heat = _inputs(k=1)
+    img_t = torch.from_numpy(images)
+    out = P.overlay(img_t, torch.from_numpy(heat[:, 0]), "viridis")
+    assert out.shape == (2, 1, 3, 9, 11)
+    assert torch.equal(out, P.overlay(img_t, torch.from_numpy(heat), "viridis"))
+
+
+def test_overlay_errors():
+    img = torch.zeros(2, 3, 8, 8, dtype=torch.uint8)
+    heat = torch.rand(2, 4, 8, 8)
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        P.overlay(img[0], heat)
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        P.overlay(img[:, :1], heat)
+    with pytest.raises(ValueError, match="uint8 or floating"):
+        P.overlay(img.int(), heat)
+    with pytest.raises(ValueError, match="batch"):
+        P.overlay(img, heat[:1])
+    with pytest.raises(ValueError, match="does not resize"):
+        P.overlay(img, torch.rand(2, 4, 7, 7))
+    for alpha in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="alpha"):
+            P.overlay(img, heat, alpha=alpha)
+    with pytest.raises(ValueError, match="floating"):
+        P.overlay(img, (heat * 255).to(torch.uint8))
+    with pytest.raises(ValueError, match=r"\(B, K, H, W\)"):
+        P.overlay(img, heat[None])
+
+
+# devices and purity ------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_matches_cpu():
+    images, heat = _inputs()
+    cams = torch.rand(2, 3, 7, 7)
+    h_cpu = P.heatmaps(cams, (9, 11))
+    h_gpu = P.heatmaps(cams.cuda(), (9, 11))
+    assert h_gpu.is_cuda
+    torch.testing.assert_close(h_gpu.cpu(), h_cpu, atol=1e-5, rtol=0)
+    out = P.overlay(torch.from_numpy(images).cuda(), torch.from_numpy(heat).cuda(), "turbo", 0.5)
+    assert out.is_cuda
+    assert torch.equal(
+        out.cpu(), P.overlay(torch.from_numpy(images), torch.from_numpy(heat), "turbo", 0.5)
+    )
+    assert P.colormap_lut("jet", "cuda").device.index is not None
+    tiny = P.normalize(torch.rand(2, 2, 5, 5, device="cuda") * 1e-13).flatten(2)
+    assert torch.all(tiny.amin(-1) == 0) and torch.all(tiny.amax(-1) == 1)
+
+
+def test_module_imports_no_other_cam_engine_module():
+    tree = ast.parse(inspect.getsource(P))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            assert node.level == 0 and not (node.module or "").startswith("cam_engine")
+        elif isinstance(node, ast.Import):
+            assert not any(a.name.startswith("cam_engine") for a in node.names)
