@@ -35,7 +35,8 @@ def select_output(output: Any, selector: OutputSelector = None) -> Tensor:
     elif selector is None:
         found = _first_tensor(output)
     elif isinstance(selector, str):
-        found = output.get(selector) if isinstance(output, dict) else getattr(output, selector, None)
+        getter = output.get if isinstance(output, dict) else lambda key: getattr(output, key, None)
+        found = getter(selector)
     else:
         found = output[selector]
     if not isinstance(found, Tensor):

@@ -1,0 +1,1 @@
+"""Subcommands of the ``cam-engine`` command line (see :mod:`cam_engine.cli`)."""
