@@ -83,16 +83,24 @@ class Graph:
         names: every accepted target name -> the node computing it (dotted module names, FX node
             names and torchvision's qualified node names).
         module_names: the dotted names of the modules whose output is a node of the graph.
+        repeated: modules that run more than once per forward -> the names of each call.
     """
 
     module: fx.GraphModule
     kind: str
     names: dict[str, fx.Node]
     module_names: list[str] = field(default_factory=list)
+    repeated: dict[str, list[str]] = field(default_factory=dict)
 
     def node(self, name: str) -> fx.Node:
         if name not in self.names:
             raise unknown_layer_error(name, self.module_names, list(self.names))
+        if name in self.repeated:
+            warnings.warn(
+                f"module {name!r} runs {len(self.repeated[name])} times per forward; using its "
+                f"first call. Name one call explicitly: {', '.join(self.repeated[name])}",
+                stacklevel=4,
+            )
         return self.names[name]
 
     def name_of(self, node: fx.Node) -> str:
@@ -112,12 +120,15 @@ def _trace_fx(model: nn.Module) -> Graph:
         if node.name in by_name:
             names.setdefault(qualname, by_name[node.name])
     names.update({n.name: n for n in gm.graph.nodes if n.op not in ("placeholder", "output")})
-    module_names = []
+    module_names, repeated = [], {}
     for module_name, node in tracer.module_outputs.items():
-        if node.name in by_name and tracer.module_calls[module_name] == 1:
+        calls = tracer.module_calls[module_name]
+        if calls > 1:  # torchvision names the calls "name", "name_1", ...
+            repeated[module_name] = [module_name] + [f"{module_name}_{i}" for i in range(1, calls)]
+        elif node.name in by_name:
             names[module_name] = by_name[node.name]
             module_names.append(module_name)
-    return Graph(gm, "fx", names, module_names)
+    return Graph(gm, "fx", names, module_names, repeated)
 
 
 def _trace_export(model: nn.Module, example: Tensor) -> Graph:

@@ -340,3 +340,17 @@ def test_training_mode_warns():
     with pytest.warns(UserWarning, match="training mode"):
         ce.CAMEngine(net, "features")
     assert net.training
+
+
+def test_module_called_twice_warns_and_names_each_call(resnet18):
+    with pytest.warns(UserWarning, match=r"runs 2 times.*layer4\.1\.relu_1"):
+        first = ce.wrap(resnet18, "layer4.1.relu")
+    second = ce.wrap(resnet18, "layer4.1.relu_1")
+    x = images(1, 64)
+    block = resnet18.layer4[1]
+    calls = []
+    handle = block.relu.register_forward_hook(lambda m, i, o: calls.append(o.clone()))
+    resnet18(x)
+    handle.remove()
+    torch.testing.assert_close(first(x)[1], calls[0])
+    torch.testing.assert_close(second(x)[1], calls[1])
