@@ -162,7 +162,7 @@ class CAMEngine:
             if self.method.needs_gap_head and gap is None:
                 raise ValueError(self._no_gap_message())
             classes = resolve_classes(targets, logits.detach())
-            if gap is not None:
+            if gap is not None and self.closed_form:
                 grads = gap.gradients(classes, features)
             else:
                 grads = score_gradients(logits, features, classes)

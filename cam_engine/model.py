@@ -233,10 +233,11 @@ class CAMModel(nn.Module):
         """Trunk without autograd, head with it (or not at all, in closed form).
 
         Returns:
-            ``(features, logits, gap)``. When ``gap`` is not ``None`` the head is
-            global-average-pool -> linear at this map size and mode, and ``logits`` carry no
-            graph; otherwise ``features`` is a leaf that requires grad and ``logits`` depend on it
-            through the head only, so ``torch.autograd.grad(scores, features)`` stops there.
+            ``(features, logits, gap)``. ``gap`` is the head's closed form when the head is
+            global-average-pool -> linear at this map size and mode, else ``None``. With
+            ``closed_form`` and a ``gap``, ``logits`` carry no graph; otherwise ``features`` is a
+            leaf that requires grad and ``logits`` depend on it through the head only, so
+            ``torch.autograd.grad(scores, features)`` stops there.
         """
         built = self.current(x)
         if built.hook is not None:
@@ -244,11 +245,12 @@ class CAMModel(nn.Module):
             return features, select_output(output, self.output), None
         with torch.no_grad():
             features, *extras = built.split.trunk(x)
-        gap = built.gap if closed_form and built.gap and built.gap.applies(features) else None
-        if gap is None:
+        gap = built.gap if built.gap is not None and built.gap.applies(features) else None
+        needs_grad = gap is None or not closed_form
+        if needs_grad:
             features = features.detach().requires_grad_(True)
         head_input = features.clone() if built.head_inplace else features
-        with torch.set_grad_enabled(gap is None):
+        with torch.set_grad_enabled(needs_grad):
             output = built.split.head(head_input, *extras)
         return features, select_output(output, self.output), gap
 
