@@ -1,0 +1,259 @@
+"""Load a classifier for the command line: by torchvision name, from a file, or from a factory.
+
+``load_model`` returns the model in eval mode together with what is needed to feed it (input
+size, mean, std) and to name its classes, taken from the torchvision weights when there are some.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import importlib.util
+import os
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import Tensor, nn
+from torchvision.models import WeightsEnum
+
+__all__ = ["LoadedModel", "load_model", "torchvision_models", "read_labels"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+DEFAULT_INPUT_SIZE = (224, 224)
+_FACTORY = re.compile(r"^(?P<module>[^:]+):(?P<function>[A-Za-z_][\w.]*)$")
+
+
+@dataclass
+class LoadedModel:
+    """A classifier ready to explain, and how to feed it.
+
+    Attributes:
+        model: the ``nn.Module``, in eval mode, on the requested device.
+        input_size: (H, W) the images are resized to.
+        mean, std: per-channel normalisation of images scaled to [0, 1].
+        categories: class names indexed by class id, or ``None`` (then "class 17").
+        source: how the model was found, for messages (``"torchvision resnet50"``, a path...).
+    """
+
+    model: nn.Module
+    input_size: tuple[int, int]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    categories: list[str] | None
+    source: str
+
+    def preprocess(self, images: Tensor) -> Tensor:
+        """uint8 images (B, 3, H, W) -> normalised float (B, 3, H, W) on the model's device.
+
+        The images are copied as uint8 (4x less than float) and converted on the device, in the
+        dtype of the model's parameters.
+        """
+        param = next(self.model.parameters(), None)
+        device = param.device if param is not None else images.device
+        dtype = param.dtype if param is not None else torch.float32
+        x = images.to(device, non_blocking=True).to(dtype).div_(255)
+        mean = torch.tensor(self.mean, dtype=dtype, device=device).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, dtype=dtype, device=device).view(1, -1, 1, 1)
+        return x.sub_(mean).div_(std)
+
+    def class_name(self, index: int) -> str:
+        """The name of class ``index``; ``"class 17"`` when the model has no names."""
+        if self.categories is None:
+            return f"class {index}"
+        return self.categories[index]
+
+    def check_num_classes(self, num_classes: int) -> None:
+        """``ValueError`` unless the class names (if any) match the model's ``num_classes``."""
+        if self.categories is not None and len(self.categories) != num_classes:
+            raise ValueError(
+                f"{len(self.categories)} class names for a model with {num_classes} outputs; "
+                "pass --labels with one name per output"
+            )
+
+
+def torchvision_models() -> list[str]:
+    """Names of torchvision's image classification models."""
+    return torchvision.models.list_models(module=torchvision.models)
+
+
+def read_labels(path: str | os.PathLike) -> list[str]:
+    """Class names from a text file, one per line, line ``i`` naming class ``i``."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
+    if not lines:
+        raise ValueError(f"the labels file {path} is empty")
+    return [line.strip() for line in lines]
+
+
+def _unknown_model(spec: str) -> ValueError:
+    names = torchvision_models()
+    close = difflib.get_close_matches(spec, names, n=5, cutoff=0.5)
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    return ValueError(
+        f"unknown model {spec!r}.{hint} Give a torchvision classification model name "
+        f"({len(names)} of them, e.g. resnet50, convnext_tiny, vit_b_16), a file saved with "
+        "torch.save(model), or module:function returning a model"
+    )
+
+
+def _named_weights(model_name: str, weights: str) -> WeightsEnum | None:
+    """torchvision weights named ``weights`` (member or full enum name); ``None`` for a file."""
+    enum = torchvision.models.get_model_weights(model_name)
+    if weights in enum.__members__:
+        return enum[weights]
+    if Path(weights).is_file():
+        return None
+    try:
+        return torchvision.models.get_weight(weights)
+    except (ValueError, KeyError, AttributeError):
+        members = ", ".join(enum.__members__)
+        raise ValueError(
+            f"--weights {weights!r} is neither a file nor weights of {model_name} ({members}, or "
+            f"a full name such as {enum.__name__}.DEFAULT)"
+        ) from None
+
+
+def _load_state_dict(model: nn.Module, path: str) -> None:
+    if not Path(path).is_file():
+        raise FileNotFoundError(
+            f"no such weights file: {path} (named weights such as DEFAULT need a torchvision "
+            "model name for --model)"
+        )
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model"):  # training checkpoints often nest the weights
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"the weights in {path} do not fit the model: {exc}") from exc
+
+
+def _from_torchvision(name: str, named: WeightsEnum | None, num_classes: int | None) -> nn.Module:
+    kwargs = {"num_classes": num_classes} if num_classes is not None else {}
+    try:
+        return torchvision.models.get_model(name, weights=named, **kwargs)
+    except OSError as exc:  # no network, or a proxy in the way
+        raise ValueError(
+            f"could not download the {named} weights ({exc}); save them on a machine with access "
+            "and pass the file with --weights PATH"
+        ) from exc
+
+
+def _import_factory(spec: str) -> nn.Module:
+    match = _FACTORY.match(spec)
+    module_name, function = match["module"], match["function"]
+    if module_name.endswith(".py"):
+        if not Path(module_name).is_file():
+            raise FileNotFoundError(f"no such file: {module_name}")
+        loader = importlib.util.spec_from_file_location(Path(module_name).stem, module_name)
+        module = importlib.util.module_from_spec(loader)
+        loader.loader.exec_module(module)
+    else:
+        # `python -m` would find modules in the working directory; a console script does not
+        if os.getcwd() not in sys.path:
+            sys.path.append(os.getcwd())
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            raise ValueError(f"cannot import {module_name!r} for --model {spec}: {exc}") from exc
+    factory = module
+    for part in function.split("."):
+        factory = getattr(factory, part, None)
+    if not callable(factory):
+        raise ValueError(f"{module_name} has no function {function!r}")
+    model = factory()
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"{spec}() returned a {type(model).__name__}, not an nn.Module")
+    return model
+
+
+def _from_file(path: str) -> nn.Module:
+    # A full pickled model runs arbitrary code when loaded: only load files you trust.
+    model = torch.load(path, map_location="cpu", weights_only=False)
+    if isinstance(model, torch.jit.ScriptModule):
+        raise ValueError(f"{path} is a TorchScript model; cam-engine needs the Python model")
+    if not isinstance(model, nn.Module):
+        raise ValueError(
+            f"{path} holds a {type(model).__name__}, not a model saved with torch.save(model); "
+            "for a state_dict use --model ARCHITECTURE --weights PATH"
+        )
+    return model
+
+
+def load_model(
+    spec: str,
+    weights: str | None = None,
+    device: torch.device | str = "cpu",
+    *,
+    labels: str | os.PathLike | None = None,
+    input_size: Sequence[int] | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+    num_classes: int | None = None,
+) -> LoadedModel:
+    """A classifier in eval mode on ``device``, with its preprocessing facts and class names.
+
+    Args:
+        spec: a torchvision classification model name (see :func:`torchvision_models`); a path
+            to a model saved whole with ``torch.save(model)`` (loaded with
+            ``weights_only=False``, which runs code from the file: trusted files only); or
+            ``module:function`` / ``file.py:function``, called with no argument.
+        weights: for a torchvision name, ``"DEFAULT"``, a member name (``"IMAGENET1K_V2"``) or a
+            full name (``"ResNet50_Weights.IMAGENET1K_V2"``); for any spec, a ``state_dict`` file.
+            ``None``: the model's own weights (random for a torchvision name).
+        device: where to put the model.
+        labels: a text file with one class name per line (overrides the weights' names).
+        input_size: (H, W) or (S,); default the weights' crop size, else 224 x 224.
+        mean, std: normalisation; default the weights' own, else ImageNet's.
+        num_classes: outputs of a torchvision model built without named weights.
+
+    Raises:
+        ValueError: unknown model name (with the closest names), weights that do not fit.
+        FileNotFoundError: a missing model, weights or labels file.
+    """
+    named = None
+    if spec in torchvision_models():
+        named = _named_weights(spec, weights) if weights is not None else None
+        if num_classes is not None and named is not None:
+            raise ValueError("--num-classes applies to models built without named weights")
+        model = _from_torchvision(spec, named, num_classes)
+        source = f"torchvision {spec}" + (f" ({named})" if named is not None else "")
+    elif num_classes is not None:
+        raise ValueError("--num-classes applies to torchvision model names only")
+    elif _FACTORY.match(spec) and not Path(spec).exists():
+        model, source = _import_factory(spec), spec
+    elif Path(spec).is_file():
+        model, source = _from_file(spec), spec
+    elif os.sep in spec or "/" in spec or spec.endswith((".pt", ".pth")):
+        raise FileNotFoundError(f"no such model file: {spec}")
+    else:
+        raise _unknown_model(spec)
+    if weights is not None and named is None:
+        _load_state_dict(model, weights)
+
+    facts = named.transforms() if named is not None else None
+    if input_size is None and facts is not None:
+        input_size = facts.crop_size
+    size = tuple(int(s) for s in (input_size or DEFAULT_INPUT_SIZE))
+    size = size * 2 if len(size) == 1 else size
+    if len(size) != 2 or min(size) < 1:
+        raise ValueError(f"input size must be (H, W) or (S,) positive, got {input_size}")
+    mean = tuple(mean or (facts.mean if facts is not None else IMAGENET_MEAN))
+    std = tuple(std or (facts.std if facts is not None else IMAGENET_STD))
+    if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
+        raise ValueError(f"mean and std need 3 values each, std > 0; got {mean}, {std}")
+    if labels is not None:
+        categories = read_labels(labels)
+    elif named is not None:
+        categories = list(named.meta["categories"])
+    else:
+        categories = None
+    return LoadedModel(model.eval().to(device), size, mean, std, categories, source)
