@@ -1,0 +1,230 @@
+"""``OrtCAM``: run a file written by :func:`to_onnx` with ONNX Runtime, get engine-style results."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..engine import CAMResult, check_images
+from ..targets import Targets, TopK, resolve_classes
+from .writer import METADATA_KEY
+
+__all__ = ["OrtCAM", "OrtResult", "default_providers"]
+
+_NUMPY = {torch.float32: np.float32, torch.int64: np.int64, torch.uint8: np.uint8}
+_OUTPUT_DTYPES = {
+    "logits": torch.float32,
+    "classes": torch.int64,
+    "heatmaps": torch.float32,
+    "overlay": torch.uint8,
+}
+
+
+@dataclass
+class OrtResult(CAMResult):
+    """:class:`cam_engine.CAMResult` from an ONNX file.
+
+    ``cams`` is ``None`` (the file outputs the final maps only); ``heatmaps`` is ``None`` and
+    ``overlay`` (B, K, 3, H, W) uint8 is set for files exported with a colour map.
+    """
+
+    overlay: Tensor | None = None
+
+
+def _tensorrt_loadable() -> bool:
+    for name in ("libnvinfer.so.10", "libnvinfer.so.8", "nvinfer_10.dll"):
+        try:
+            ctypes.CDLL(name)
+            return True
+        except OSError:
+            continue
+    return False
+
+
+def default_providers(device: torch.device | None = None) -> list:
+    """TensorRT (when its library loads), CUDA, then CPU on a CUDA ``device``; CPU otherwise.
+
+    ``device=None`` means CUDA device 0 when torch sees a GPU. ORT gives each node to the first
+    provider in the list that runs it, so TensorRT comes first and CUDA takes what it refuses.
+    """
+    import onnxruntime as ort
+
+    if device is None and torch.cuda.is_available():
+        device = torch.device("cuda", 0)
+    chosen: list = []
+    if device is not None and device.type == "cuda":
+        available = ort.get_available_providers()
+        index = device.index if device.index is not None else 0
+        if "TensorrtExecutionProvider" in available and _tensorrt_loadable():
+            chosen.append(("TensorrtExecutionProvider", {"device_id": index}))
+        if "CUDAExecutionProvider" in available:
+            chosen.append(("CUDAExecutionProvider", {"device_id": index}))
+    return [*chosen, "CPUExecutionProvider"]
+
+
+class OrtCAM:
+    """An ONNX Runtime session on a :func:`to_onnx` file, called like :class:`CAMEngine`.
+
+    CUDA input tensors are bound in place (I/O binding): the inputs are read and the outputs
+    written in GPU memory, with no host round trip (except for ``upsample=False`` files, whose
+    map size is not known before the run). CPU tensors go through NumPy.
+
+    Args:
+        path: the ``.onnx`` file.
+        providers: ONNX Runtime providers; ``None``: :func:`default_providers`.
+        device: where results are returned and, for CUDA, which GPU runs the session; ``None``:
+            the GPU when a CUDA provider is active, else the CPU.
+        session_options: ``onnxruntime.SessionOptions``.
+
+    Example::
+
+        cam = OrtCAM("resnet50_cam.onnx")
+        res = cam(x)              # res.heatmaps (B, K, H, W), res.classes, res.logits
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        providers: list | None = None,
+        device: torch.device | str | None = None,
+        session_options=None,
+    ) -> None:
+        import onnxruntime as ort
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no ONNX file at {path}")
+        device = torch.device(device) if device is not None else None
+        self.session = ort.InferenceSession(
+            str(path), session_options, providers=providers or default_providers(device)
+        )
+        meta = self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
+        if meta is None:
+            raise ValueError(f"{path} has no {METADATA_KEY!r} metadata: export it with to_onnx")
+        self.metadata: dict = json.loads(meta)
+        self.providers: list[str] = self.session.get_providers()
+        self.on_gpu = any(
+            p in self.providers for p in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
+        )
+        if device is None:
+            device = torch.device("cuda", 0) if self.on_gpu else torch.device("cpu")
+        self.device = device
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.takes_classes = "classes" in [i.name for i in self.session.get_inputs()]
+
+    @property
+    def topk(self) -> int:
+        """Classes explained per image without a ``classes`` input."""
+        return int(self.metadata["topk"])
+
+    def run(self, x: Tensor, classes: Tensor | None = None) -> dict[str, Tensor]:
+        """The file's outputs by name, on :attr:`device`.
+
+        Args:
+            x: (B, C, H, W) float images.
+            classes: (B, K) class ids, for files exported with ``classes_input=True``.
+        """
+        check_images(x)
+        if self.takes_classes != (classes is not None):
+            need = "needs classes (B, K)" if self.takes_classes else "takes no classes input"
+            raise ValueError(f"this file {need}")
+        x = x.detach().float().contiguous()
+        if classes is not None:
+            classes = classes.to(x.device, torch.long).contiguous()
+        if x.is_cuda and self.on_gpu:
+            return self._run_bound(x, classes)
+        feed = {"x": x.cpu().numpy()}
+        if classes is not None:
+            feed["classes"] = classes.cpu().numpy()
+        values = self.session.run(self.output_names, feed)
+        out = {
+            name: torch.from_numpy(value).to(self.device)
+            for name, value in zip(self.output_names, values, strict=True)
+        }
+        return self._with_classes(out, classes)
+
+    def _with_classes(self, out: dict[str, Tensor], classes: Tensor | None) -> dict[str, Tensor]:
+        # files with a classes input do not output them again (an ONNX name is unique)
+        if classes is not None:
+            out["classes"] = classes.to(self.device)
+        return out
+
+    def _run_bound(self, x: Tensor, classes: Tensor | None) -> dict[str, Tensor]:
+        index = x.device.index if x.device.index is not None else torch.cuda.current_device()
+        binding = self.session.io_binding()
+        inputs = {"x": x} if classes is None else {"x": x, "classes": classes}
+        for name, tensor in inputs.items():
+            binding.bind_input(
+                name, "cuda", index, _NUMPY[tensor.dtype], tuple(tensor.shape), tensor.data_ptr()
+            )
+        k = classes.shape[1] if classes is not None else self.topk
+        shapes = self._output_shapes(x, k)
+        outputs = {}
+        for name in self.output_names:
+            if shapes.get(name) is None:
+                binding.bind_output(name, "cuda", index)  # size known only after the run
+                continue
+            out = torch.empty(shapes[name], dtype=_OUTPUT_DTYPES[name], device=x.device)
+            binding.bind_output(
+                name, "cuda", index, _NUMPY[out.dtype], tuple(out.shape), out.data_ptr()
+            )
+            outputs[name] = out
+        # ORT runs on its own CUDA stream: the input must be written before it starts.
+        torch.cuda.current_stream(x.device).synchronize()
+        self.session.run_with_iobinding(binding)
+        binding.synchronize_outputs()
+        if len(outputs) < len(self.output_names):
+            host = dict(zip(self.output_names, binding.copy_outputs_to_cpu(), strict=True))
+            for name in self.output_names:
+                outputs.setdefault(name, torch.from_numpy(host[name]).to(x.device))
+        out = {name: outputs[name].to(self.device) for name in self.output_names}
+        return self._with_classes(out, classes)
+
+    def _output_shapes(self, x: Tensor, k: int) -> dict[str, tuple[int, ...] | None]:
+        batch, _, height, width = x.shape
+        maps = (batch, k, height, width) if self.metadata["upsample"] else None
+        return {
+            "logits": (batch, int(self.metadata["num_classes"])),
+            "classes": (batch, k),
+            "heatmaps": maps,
+            "overlay": (batch, k, 3, height, width),
+        }
+
+    def __call__(self, x: Tensor, targets: Targets = None) -> OrtResult:
+        """Explain a batch, as :class:`cam_engine.CAMEngine` does.
+
+        Args:
+            x: (B, C, H, W) float images, CPU or CUDA.
+            targets: ``None`` or ``TopK(j)`` with ``j <= topk`` for files without a classes
+                input (the first ``j`` maps); class ids (int, (B,), (B, K)) for files with one.
+        """
+        check_images(x)
+        classes, keep = None, None
+        if self.takes_classes:
+            if targets is None or isinstance(targets, TopK):
+                raise ValueError("this file explains given classes: pass targets= class ids")
+            dummy = torch.empty(x.shape[0], int(self.metadata["num_classes"]), device=x.device)
+            classes = resolve_classes(targets, dummy)
+        elif targets is not None:
+            if not isinstance(targets, TopK) or targets.k > self.topk:
+                raise ValueError(
+                    f"this file explains its top-{self.topk} classes; targets may be None or "
+                    f"TopK(k <= {self.topk}). Export with classes_input=True to choose classes"
+                )
+            keep = targets.k
+        out = self.run(x, classes)
+        overlay = out.get("overlay")
+        return OrtResult(
+            heatmaps=out["heatmaps"][:, :keep] if "heatmaps" in out else None,
+            cams=None,
+            logits=out["logits"],
+            classes=out["classes"][:, :keep],
+            overlay=overlay[:, :keep] if overlay is not None else None,
+        )
