@@ -1,0 +1,74 @@
+"""The models benchmarked: torchvision classifiers, random-init, with calibrated BatchNorm.
+
+No pretrained weights can be downloaded on the machines this runs on, and timings do not depend
+on the weights' values, except through denormal numbers: random-init BatchNorm statistics give
+activations of order 1e-13 that drift into denormals, which run far slower on CPUs. One batch of
+cumulative BatchNorm statistics gives O(1) activations, as in a trained model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torchvision
+from torch import nn
+
+__all__ = ["ModelSpec", "build_model", "calibrate_batchnorm", "example_batch"]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything needed to rebuild the same model in another process.
+
+    Attributes:
+        name: a torchvision classifier builder (``"resnet50"``, ``"vgg16"``).
+        size: input height and width.
+        seed: seed of the random initialisation and of the calibration batch.
+        device: torch device string.
+        channels_last: store weights (and feed inputs) in channels-last memory format.
+    """
+
+    name: str
+    size: int = 224
+    seed: int = 0
+    device: str = "cpu"
+    channels_last: bool = False
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def calibrate_batchnorm(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    """BatchNorm running statistics of one batch ``x`` (B, 3, H, W), then ``eval()``."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.reset_running_stats()
+            module.momentum = None  # cumulative average: exactly this batch's statistics
+    model.train()
+    with torch.no_grad():
+        model(x)
+    return model.eval()
+
+
+def build_model(spec: ModelSpec) -> nn.Module:
+    """The classifier of ``spec``, float32, in eval mode, on ``spec.device``."""
+    if not hasattr(torchvision.models, spec.name):
+        names = ", ".join(torchvision.models.list_models(module=torchvision.models)[:12])
+        raise ValueError(f"unknown torchvision model {spec.name!r}; e.g. {names}, ...")
+    torch.manual_seed(spec.seed)
+    kwargs = {"aux_logits": False, "init_weights": False} if spec.name == "googlenet" else {}
+    model = getattr(torchvision.models, spec.name)(weights=None, **kwargs)
+    generator = torch.Generator().manual_seed(spec.seed + 1)
+    calibration = torch.randn(8, 3, spec.size, spec.size, generator=generator)
+    model = calibrate_batchnorm(model, calibration).to(spec.device)
+    if spec.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def example_batch(spec: ModelSpec, batch: int, seed: int = 2) -> torch.Tensor:
+    """A reproducible (B, 3, size, size) float32 batch on ``spec.device``."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 3, spec.size, spec.size, generator=generator).to(spec.device)
+    return x.contiguous(memory_format=torch.channels_last) if spec.channels_last else x

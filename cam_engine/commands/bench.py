@@ -1,0 +1,150 @@
+"""``cam-engine bench``: images/s, explain overhead and peak memory of every backend."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+from .. import methods
+from ..bench import backends as bk
+from ..bench import report
+from ..bench.harness import run_all_classes, run_model
+from ..bench.models import ModelSpec
+
+HELP = "benchmark the engine against plain inference and the hook-based libraries"
+
+#: what --quick changes: a smoke test of every backend in well under a minute
+QUICK = {"models": "resnet18", "batch": 2, "size": 64, "repeats": 3, "warmup": 1}
+#: backends --quick leaves out unless named (torch.compile takes minutes on a small CPU)
+SLOW_BACKENDS = ("engine-compile",)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--models", help="comma-separated torchvision models (resnet50,vgg16)")
+    parser.add_argument("--batch", type=int, help="images per call (8)")
+    parser.add_argument("--size", type=int, help="image height and width (224)")
+    parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1")
+    parser.add_argument("--methods", default="gradcam,cam", help="comma-separated methods")
+    parser.add_argument(
+        "--backends",
+        help="comma-separated, default all: " + ",".join(bk.available()),
+    )
+    parser.add_argument("--layer", help="target layer (default: the engine's choice per model)")
+    parser.add_argument("--repeats", type=int, help="timed rounds per backend (10)")
+    parser.add_argument("--warmup", type=int, help="untimed calls per backend first (2)")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--channels-last", action="store_true", help="channels-last weights/inputs")
+    parser.add_argument("--no-memory", action="store_true", help="skip peak-memory measurement")
+    parser.add_argument(
+        "--no-all-classes", action="store_true", help="skip the 'all classes at once' comparison"
+    )
+    parser.add_argument("--out", type=Path, default=Path("out/bench"), help="output folder")
+    parser.add_argument(
+        "--markdown", type=Path, help="where to write the tables (default OUT/BENCHMARKS.md)"
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: resnet18, batch 2, 64 px, 3 rounds, 1 thread, no torch.compile or memory",
+    )
+    parser.add_argument(
+        "--render", type=Path, metavar="JSON", help="only render an existing results file"
+    )
+
+
+def _names(spec: str, allowed: list[str], what: str) -> list[str]:
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    unknown = [n for n in names if n not in allowed]
+    if unknown or not names:
+        raise ValueError(f"unknown {what} {unknown or spec!r}; available: {', '.join(allowed)}")
+    return names
+
+
+def _settings(args: argparse.Namespace) -> dict:
+    """The run's settings: explicit arguments, else --quick's, else the headline defaults."""
+    defaults = {"models": "resnet50,vgg16", "batch": 8, "size": 224, "repeats": 10, "warmup": 2}
+    chosen = {**defaults, **(QUICK if args.quick else {})}
+    chosen.update({k: getattr(args, k) for k in defaults if getattr(args, k) is not None})
+    if args.backends:
+        names = _names(args.backends, bk.available(), "backend(s)")
+    else:
+        names = [b for b in bk.available() if not (args.quick and b in SLOW_BACKENDS)]
+    chosen["backends"] = names
+    chosen["methods"] = _names(args.methods, methods.available(), "method(s)")
+    chosen["models"] = [m.strip() for m in chosen["models"].split(",") if m.strip()]
+    for key in ("batch", "size", "repeats"):
+        if chosen[key] < 1:
+            raise ValueError(f"--{key} must be >= 1, got {chosen[key]}")
+    return chosen
+
+
+def _write(doc: dict, args: argparse.Namespace, command: str) -> None:
+    args.out.mkdir(parents=True, exist_ok=True)
+    text = report.markdown(doc, command)
+    markdown = args.markdown or args.out / "BENCHMARKS.md"
+    markdown.write_text(text)
+    chart = args.out / "bench.png"
+    report.bar_chart(doc, chart)
+    print(text)
+    print(f"wrote {markdown}, {chart}")
+
+
+def _command(cfg: dict, args: argparse.Namespace) -> str:
+    """The command line that repeats this run, every setting spelled out."""
+    parts = ["cam-engine", "bench", "--models", ",".join(cfg["models"])]
+    for key in ("batch", "size", "repeats", "warmup"):
+        parts += [f"--{key}", str(cfg[key])]
+    parts += ["--device", args.device, "--methods", ",".join(cfg["methods"])]
+    parts += ["--backends", ",".join(cfg["backends"]), "--threads", str(torch.get_num_threads())]
+    flags = ("channels_last", "no_memory", "no_all_classes")
+    parts += ["--" + f.replace("_", "-") for f in flags if getattr(args, f)]
+    if args.quick and not args.no_memory:
+        parts.append("--no-memory")
+    if args.layer:
+        parts += ["--layer", args.layer]
+    return shlex.join(parts)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.render:
+        doc = json.loads(args.render.read_text())
+        _write(doc, args, doc["config"].get("command", ""))
+        return 0
+    if args.threads or args.quick:
+        # one thread by default for --quick: two OpenMP threads on a busy 2-core machine can
+        # run 20x slower than one (measured: resnet18 at 64 px, 2.1 s vs 0.08 s per batch)
+        torch.set_num_threads(args.threads or 1)
+    cfg = _settings(args)
+    command = _command(cfg, args)
+    rows, everything = [], []
+    for name in cfg["models"]:
+        spec = ModelSpec(name, cfg["size"], device=args.device, channels_last=args.channels_last)
+        print(f"{name}: batch {cfg['batch']}, {cfg['size']}px, {args.device}", file=sys.stderr)
+        rows += run_model(
+            spec,
+            cfg["batch"],
+            cfg["methods"],
+            cfg["backends"],
+            layer=args.layer,
+            warmup=cfg["warmup"],
+            repeats=cfg["repeats"],
+            memory=not (args.no_memory or args.quick),
+            workdir=args.out / "models",
+        )
+        if not args.no_all_classes and "gradcam" in cfg["methods"]:
+            everything.append(
+                run_all_classes(
+                    spec, cfg["batch"], layer=args.layer, repeats=min(3, cfg["repeats"])
+                )
+            )
+    config = {**cfg, "device": args.device, "channels_last": args.channels_last, "command": command}
+    doc = report.results(rows, everything, report.environment(args.device), config)
+    report.save_json(doc, args.out / "results.json")
+    _write(doc, args, command)
+    print(f"wrote {args.out / 'results.json'}")
+    return 0
