@@ -21,5 +21,18 @@ __all__ = [
     "overlay",
     "methods",
     "postprocess",
+    "export",
+    "metrics",
 ]
 __version__ = "0.1.0"
+
+#: submodules imported on first use: export pulls in onnx / onnxruntime, metrics torchvision ops
+_LAZY = ("export", "metrics")
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib
+
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -6,6 +6,7 @@ import difflib
 import math
 from collections.abc import Callable, Sequence
 
+import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
@@ -53,6 +54,7 @@ def default_target(gm: fx.GraphModule, layer_norms: Sequence[tuple[str, fx.Node]
 
     - CNNs: the last node with a (B, C, h, w) output, h > 1 and w > 1, that is not an adaptive
       pooling (so VGG's 7x7 ``AdaptiveAvgPool2d`` is skipped for ``features``' last layer);
+      when that node only permutes a LayerNorm's output (Swin), the LayerNorm (``norm``);
     - transformers (token maps (B, T, C) after the last spatial map, as in ViT): the first
       LayerNorm of the last block that holds two of them (``ln_1`` / ``norm1``).
 
@@ -86,10 +88,22 @@ def default_target(gm: fx.GraphModule, layer_norms: Sequence[tuple[str, fx.Node]
     if pairs:
         return pairs[-1][0]
     if spatial:
-        return spatial[-1]
+        return _named_norm(spatial[-1], modules, {n for _, n in layer_norms})
     raise ValueError(
         "no spatial feature map (B, C, h, w) found to default to; pass target_layer explicitly"
     )
+
+
+def _named_norm(node: fx.Node, modules: dict[str, nn.Module], norms: set[fx.Node]) -> fx.Node:
+    """The LayerNorm a final permute reads (Swin: ``norm`` (B, h, w, C) -> ``permute``).
+
+    Both give the same maps (the engine reshapes channels-last maps); the norm is the layer
+    users name (pytorch-grad-cam's Swin recipe).
+    """
+    module = modules.get(str(node.target)) if node.op == "call_module" else None
+    is_permute = type(module).__name__ == "Permute" or node.target in ("permute", torch.permute)
+    inputs = node.all_input_nodes
+    return inputs[0] if is_permute and len(inputs) == 1 and inputs[0] in norms else node
 
 
 def _grid(tokens: int, size: tuple[int, int]) -> tuple[int, int] | None:
@@ -111,7 +125,8 @@ def to_nchw(features: Tensor, reshape: Reshape, image_size: tuple[int, int]) -> 
     """Feature map (or a gradient of it) in (..., C, h, w) layout.
 
     Args:
-        features: ``(N, C, h, w)``; ``(N, H, W, C)`` (Swin); or tokens ``(N, T, C)`` (ViT),
+        features: ``(N, C, h, w)`` or ``(N, C, d, h, w)``; ``(N, H, W, C)`` (Swin); or tokens
+            ``(N, T, C)`` (ViT),
             where ``T = prefix + h*w`` and the prefix (class / distillation tokens) is dropped.
         reshape: ``"vit"`` (one class token), ``"swin"`` (channels last), ``"none"`` (already
             NCHW), a callable, or ``None`` to infer the layout from the shape and the image size.
@@ -131,6 +146,8 @@ def to_nchw(features: Tensor, reshape: Reshape, image_size: tuple[int, int]) -> 
             f"cannot lay {features.shape[1]} tokens out on a grid for an image of size "
             f"{image_size}; pass reshape=callable"
         )
+    if features.ndim == 5 and reshape in (None, "none"):
+        return features  # volumes: (N, C, d, h, w)
     if features.ndim != 4:
         raise ValueError(
             f"the target layer's output has shape {tuple(features.shape)}; expected (B, C, h, w), "

@@ -6,18 +6,35 @@
 - an ``int``: that class for every image;
 - a sequence or 1-D tensor of length B: one class per image;
 - a (B, K) integer tensor: K classes per image;
-- :class:`TopK` / :class:`BottomK`: the k highest / lowest scoring classes.
+- :class:`TopK` / :class:`BottomK`: the k highest / lowest scoring classes;
+- a score target: :class:`SoftmaxScore`, :class:`BinaryScore`, :class:`SegmentationScore`, or
+  any function ``output -> scores (B, K)`` (or (B,)) of the model's (selected) output.
+
+Class ids are the fast path: their gradient is a one-hot ``grad_outputs`` (or, on
+global-average-pool -> linear heads, the closed form); score targets take one backward of their
+scores.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-__all__ = ["TopK", "BottomK", "Targets", "resolve_classes"]
+__all__ = [
+    "TopK",
+    "BottomK",
+    "Target",
+    "SoftmaxScore",
+    "BinaryScore",
+    "SegmentationScore",
+    "Targets",
+    "Resolved",
+    "resolve",
+    "resolve_classes",
+]
 
 
 @dataclass(frozen=True)
@@ -34,7 +51,148 @@ class BottomK:
     k: int = 1
 
 
-Targets = None | int | Sequence[int] | Tensor | TopK | BottomK
+Scorer = Callable[[Tensor, Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """Targets bound to one batch.
+
+    Attributes:
+        classes: (B, K) class ids (-1 where a score function has none).
+        scores: ``scores(output, rows) -> (n, K)``: the explained scores of a model output whose
+            row ``i`` comes from image ``rows[i]`` (an augmented or perturbed copy of it).
+        one_hot: the scores are ``output.gather(1, classes)`` (the fast gradient path).
+    """
+
+    classes: Tensor
+    scores: Scorer
+    one_hot: bool
+
+    def take(self, rows: Tensor) -> Resolved:
+        """The same targets for a batch whose row ``i`` is a copy of image ``rows[i]``."""
+        return Resolved(self.classes[rows], lambda out, r: self.scores(out, rows[r]), self.one_hot)
+
+
+class Target:
+    """A score target: binds to a batch's output with :meth:`resolve`."""
+
+    def resolve(self, output: Tensor) -> Resolved:
+        """Classes and score function for the batch whose model output is ``output``."""
+        raise NotImplementedError
+
+
+def _gather(classes: Tensor) -> Scorer:
+    return lambda out, rows: out.gather(1, classes[rows])
+
+
+@dataclass(frozen=True)
+class SoftmaxScore(Target):
+    """The softmax probability of the classes chosen by ``targets`` (any class-id target).
+
+    pytorch-grad-cam's ``ClassifierOutputSoftmaxTarget``.
+    """
+
+    targets: None | int | Sequence[int] | Tensor | TopK | BottomK = None
+
+    def resolve(self, output: Tensor) -> Resolved:
+        classes = resolve_classes(self.targets, output)
+        return Resolved(classes, lambda out, rows: out.softmax(-1).gather(1, classes[rows]), False)
+
+
+@dataclass(frozen=True)
+class BinaryScore(Target):
+    """A single-logit (B,) or (B, 1) binary classifier: ``+logit`` for category 1, ``-logit`` for 0.
+
+    pytorch-grad-cam's ``BinaryClassifierOutputTarget``.
+    """
+
+    category: int = 1
+
+    def resolve(self, output: Tensor) -> Resolved:
+        if output.shape[0] != output.numel():
+            raise ValueError(
+                f"BinaryScore needs one logit per image, got output of shape {tuple(output.shape)}"
+            )
+        sign = 1.0 if self.category == 1 else -1.0
+        classes = torch.full((output.shape[0], 1), self.category, device=output.device)
+        return Resolved(classes, lambda out, rows: sign * out.reshape(-1, 1), False)
+
+
+@dataclass(frozen=True)
+class SegmentationScore(Target):
+    """Sum of a class channel's logits over a mask, for (B, N, H, W) segmentation outputs.
+
+    pytorch-grad-cam's ``SemanticSegmentationTarget``.
+
+    Attributes:
+        category: an int, or one class per image (B,).
+        mask: (H, W) for every image, or (B, H, W); bool or float weights.
+    """
+
+    category: int | Sequence[int] | Tensor
+    mask: Tensor
+
+    def resolve(self, output: Tensor) -> Resolved:
+        if output.ndim != 4:
+            raise ValueError(
+                f"SegmentationScore needs (B, N, H, W) outputs, got {tuple(output.shape)}; "
+                "select it with output= (e.g. output='out' for torchvision FCN / DeepLabV3)"
+            )
+        classes = resolve_classes(self.category, output.flatten(2).mean(-1))
+        mask = torch.as_tensor(self.mask, device=output.device).to(output.dtype)
+        if mask.shape[-2:] != output.shape[-2:]:
+            raise ValueError(
+                f"mask of shape {tuple(mask.shape)} does not fit outputs {tuple(output.shape)}"
+            )
+        mask = mask.expand(output.shape[0], *output.shape[-2:])
+
+        def scores(out: Tensor, rows: Tensor) -> Tensor:
+            picked = out.gather(1, classes[rows, :, None, None].expand(-1, -1, *out.shape[-2:]))
+            return (picked * mask[rows, None]).sum(dim=(-2, -1))
+
+        return Resolved(classes, scores, False)
+
+
+@dataclass(frozen=True)
+class _ScoreFunction(Target):
+    fn: Callable[[Tensor], Tensor]
+
+    def resolve(self, output: Tensor) -> Resolved:
+        def scores(out: Tensor, rows: Tensor) -> Tensor:
+            got = self.fn(out)
+            if not isinstance(got, Tensor) or got.ndim not in (1, 2) or len(got) != len(out):
+                raise ValueError(
+                    "a score function must map the output to scores (B, K) or (B,), got "
+                    f"{getattr(got, 'shape', type(got).__name__)} for a batch of {out.shape[0]}"
+                )
+            return got.reshape(out.shape[0], -1)
+
+        k = scores(output, torch.arange(output.shape[0], device=output.device)).shape[1]
+        classes = torch.full((output.shape[0], k), -1, dtype=torch.long, device=output.device)
+        return Resolved(classes, scores, False)
+
+
+Targets = None | int | Sequence[int] | Tensor | TopK | BottomK | Target | Callable[[Tensor], Tensor]
+
+
+def resolve(targets: Targets, output: Tensor) -> Resolved:
+    """Bind ``targets`` to a batch's model output (detached: only classes are read here).
+
+    A plain function is applied to the whole output of each batch, so it must not depend on
+    which images the rows are (subclass :class:`Target` for per-image targets).
+    """
+    if isinstance(targets, Target):
+        return targets.resolve(output)
+    if callable(targets) and not isinstance(targets, Tensor):
+        return _ScoreFunction(targets).resolve(output)
+    if output.ndim != 2:
+        raise ValueError(
+            f"class-id targets need (B, N) logits, the model outputs {tuple(output.shape)}; "
+            "pass a score target (e.g. SegmentationScore) or a function output -> (B, K)"
+        )
+    classes = resolve_classes(targets, output)
+    return Resolved(classes, _gather(classes), True)
 
 
 def _ranked(logits: Tensor, k: int, largest: bool) -> Tensor:

@@ -1,24 +1,67 @@
-"""CAM methods: small functions ``(activations, gradients) -> cams`` over a shared interface.
+"""CAM methods: small functions over a shared interface, registered by name.
 
-Every method takes the target feature map ``A`` (B, C, h, w) and the gradient of each explained
-score with respect to it, ``G`` (B, K, C, h, w), and returns the maps (B, K, h, w) after the
-method's ReLU. For a global-average-pool -> linear head ``G`` is a broadcast view (stride 0 over
-h, w); :func:`spatial_mean` reads it without expanding it.
+Gradient and activation methods take the target feature map ``A`` (B, C, *s) and the gradient of
+each explained score with respect to it, ``G`` (B, K, C, *s), and return the maps (B, K, *s) after
+the method's ReLU. For a global-average-pool -> linear head ``G`` is a broadcast view (stride 0
+over space); :func:`spatial_mean` reads it without expanding it. Methods that need more (the model,
+the head, other gradients) take a :class:`Context` instead (``Method.needs_context``).
 """
 
 from __future__ import annotations
 
-from ._registry import Method, available, get, register, spatial_mean, weighted_sum
+from ._registry import (
+    Context,
+    Method,
+    available,
+    first_component,
+    get,
+    register,
+    register_elementwise,
+    register_weights,
+    spatial_mean,
+    spatial_sum,
+    weighted_sum,
+)
 from .cam import cam
+from .fullgrad import fullgrad
 from .gradcam import gradcam
+from .gradient import (
+    eigencam,
+    eigengradcam,
+    gradcam_elementwise,
+    gradcam_plus_plus,
+    hirescam,
+    layercam,
+    xgradcam,
+)
+from .guided import GuidedReLU, guided_backprop, guided_gradcam
+from .perturbation import ablationcam, scorecam
 
 __all__ = [
+    "Context",
     "Method",
     "available",
+    "first_component",
     "get",
     "register",
+    "register_elementwise",
+    "register_weights",
     "spatial_mean",
+    "spatial_sum",
     "weighted_sum",
     "cam",
     "gradcam",
+    "gradcam_plus_plus",
+    "xgradcam",
+    "layercam",
+    "hirescam",
+    "gradcam_elementwise",
+    "eigencam",
+    "eigengradcam",
+    "scorecam",
+    "ablationcam",
+    "fullgrad",
+    "guided_backprop",
+    "guided_gradcam",
+    "GuidedReLU",
 ]

@@ -2,10 +2,10 @@
 
 from torch import Tensor
 
-from ._registry import register, spatial_mean, weighted_sum
+from ._registry import register_weights, spatial_mean
 
 
-@register("cam", needs_gap_head=True)
+@register_weights("cam", needs_gap_head=True)
 def cam(activations: Tensor, gradients: Tensor) -> Tensor:
     """ReLU of the map weighted by the final linear layer's row of each class.
 
@@ -13,11 +13,11 @@ def cam(activations: Tensor, gradients: Tensor) -> Tensor:
     position, so the row W[c] is the spatial mean of the gradient times h*w.
 
     Args:
-        activations: (B, C, h, w).
-        gradients: (B, K, C, h, w).
+        activations: (B, C, *s).
+        gradients: (B, K, C, *s).
 
     Returns:
-        (B, K, h, w).
+        (B, K, *s) maps (channel weights (B, K, C) inside the registry's wrapper).
     """
     positions = activations[0, 0].numel()
-    return weighted_sum(spatial_mean(gradients) * positions, activations).relu()
+    return spatial_mean(gradients) * positions

@@ -2,18 +2,18 @@
 
 from torch import Tensor
 
-from ._registry import register, spatial_mean, weighted_sum
+from ._registry import register_weights, spatial_mean
 
 
-@register("gradcam")
+@register_weights("gradcam")
 def gradcam(activations: Tensor, gradients: Tensor) -> Tensor:
     """ReLU of the map weighted by the spatial mean of dScore/dA.
 
     Args:
-        activations: (B, C, h, w).
-        gradients: (B, K, C, h, w).
+        activations: (B, C, *s).
+        gradients: (B, K, C, *s).
 
     Returns:
-        (B, K, h, w).
+        (B, K, *s) maps (channel weights (B, K, C) inside the registry's wrapper).
     """
-    return weighted_sum(spatial_mean(gradients), activations).relu()
+    return spatial_mean(gradients)

@@ -1,0 +1,82 @@
+"""Gradient-weighted methods over (A, G), defined as pytorch-grad-cam 1.5.7 defines them.
+
+Every function takes ``A`` (B, C, *s) and ``G`` (B, K, C, *s) (``*s`` = (h, w) or (d, h, w)) and
+is batched over images B and targets K. Channel-weight functions return weights (B, K, C), the
+registry turns them into ``ReLU(sum_c w_c A_c)``; element-wise ones return the terms
+(B, K, C, *s) that are summed over C.
+"""
+
+from torch import Tensor
+
+from ._registry import (
+    first_component,
+    register,
+    register_elementwise,
+    register_weights,
+    spatial_sum,
+)
+
+
+@register_weights("gradcam++")
+def gradcam_plus_plus(activations: Tensor, gradients: Tensor) -> Tensor:
+    """Grad-CAM++ (Chattopadhay et al., 2018), eq. 19 with the exponential-score shortcut.
+
+    ``alpha = g^2 / (2 g^2 + sum(A) g^3 + 1e-6)`` (0 where g == 0), ``w = sum(alpha relu(g))``.
+    """
+    g = gradients
+    g2 = g * g
+    sum_a = spatial_sum(activations)[:, None]
+    alpha = g2 / (2 * g2 + sum_a * g2 * g + 1e-6)
+    alpha = alpha.masked_fill(g == 0, 0)
+    return (alpha * g.relu()).sum(dim=tuple(range(3, g.ndim)))
+
+
+@register_weights("xgradcam")
+def xgradcam(activations: Tensor, gradients: Tensor) -> Tensor:
+    """XGrad-CAM (Fu et al., 2020): ``w = sum(g A) / (sum(A) + 1e-7)``."""
+    a = activations[:, None]
+    return (gradients * a / (spatial_sum(a, 3) + 1e-7)).sum(dim=tuple(range(3, a.ndim)))
+
+
+@register_elementwise("layercam")
+def layercam(activations: Tensor, gradients: Tensor) -> Tensor:
+    """Layer-CAM (Jiang et al., 2021): ``relu(g) * A`` per position."""
+    return gradients.relu() * activations[:, None]
+
+
+@register_elementwise("hirescam")
+def hirescam(activations: Tensor, gradients: Tensor) -> Tensor:
+    """HiResCAM (Draelos & Carin, 2020): ``g * A`` per position (ReLU after the channel sum)."""
+    return gradients * activations[:, None]
+
+
+@register_elementwise("gradcam-elementwise")
+def gradcam_elementwise(activations: Tensor, gradients: Tensor) -> Tensor:
+    """Element-wise Grad-CAM: ``relu(g * A)`` per position."""
+    return (gradients * activations[:, None]).relu()
+
+
+def _grad_times_activation(activations: Tensor, gradients: Tensor) -> Tensor:
+    return gradients * activations[:, None]
+
+
+def _activation(activations: Tensor, gradients: None) -> Tensor:
+    return activations[:, None]
+
+
+@register("eigengradcam", weighted=_grad_times_activation)
+def eigengradcam(activations: Tensor, gradients: Tensor) -> Tensor:
+    """Eigen-Grad-CAM: ReLU of the first principal component of ``g * A``."""
+    return first_component(_grad_times_activation(activations, gradients)).relu()
+
+
+@register("eigencam", uses_gradients=False, weighted=_activation)
+def eigencam(activations: Tensor, gradients: None) -> Tensor:
+    """Eigen-CAM (Muhammad & Yeasin, 2020): ReLU of the first principal component of ``A``.
+
+    Class-agnostic: the K maps of an image are the same map (a broadcast view, not copies).
+
+    Returns:
+        (B, 1, *s); the engine broadcasts it to (B, K, *s).
+    """
+    return first_component(_activation(activations, gradients)).relu()
