@@ -4,7 +4,7 @@ VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
 
-.PHONY: demo test bench lint
+.PHONY: demo test bench native
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,3 +21,6 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(BIN)/cam-engine bench
+
+native: $(VENV)/.installed
+	scripts/native/build.sh build/native
