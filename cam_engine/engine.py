@@ -322,6 +322,7 @@ class CAMEngine:
                 native=features.detach(),
                 batch_size=self.batch_size,
                 options=self.method_options,
+                reshape=self.reshape,
             )
             cams = self._run(ctx)
             guided = ctx.guided

@@ -22,6 +22,7 @@ from ._registry import (
     spatial_sum,
     weighted_sum,
 )
+from .activation import fem, kpca_cam
 from .cam import cam
 from .fullgrad import fullgrad
 from .gradcam import gradcam
@@ -36,6 +37,8 @@ from .gradient import (
 )
 from .guided import GuidedReLU, guided_backprop, guided_gradcam
 from .perturbation import ablationcam, scorecam
+from .rescored import finer_scores, finercam, shapleycam
+from .smoothed import iscam, smoothgradcam_plus_plus, sscam
 
 __all__ = [
     "Context",
@@ -64,4 +67,12 @@ __all__ = [
     "guided_backprop",
     "guided_gradcam",
     "GuidedReLU",
+    "fem",
+    "kpca_cam",
+    "shapleycam",
+    "finercam",
+    "finer_scores",
+    "smoothgradcam_plus_plus",
+    "sscam",
+    "iscam",
 ]

@@ -61,6 +61,8 @@ class Context:
         batch_size: how many extra inputs a perturbation method runs through the model at once.
         options: method-specific keyword options from ``CAMEngine(method_options=...)``.
         guided: set by guided methods: (B, K, C, H, W) guided input gradients.
+        reshape: the engine's ``reshape`` (see :func:`cam_engine.layers.to_nchw`), for methods
+            that compute target maps or gradients of their own.
     """
 
     x: Tensor
@@ -77,6 +79,7 @@ class Context:
     batch_size: int = 32
     options: dict[str, Any] = field(default_factory=dict)
     guided: Tensor | None = None
+    reshape: Any = None
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,71 @@
+"""Activation-only methods of pytorch-grad-cam 1.5.7: FEM and KPCA-CAM (class-agnostic maps)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._registry import Context, register, register_weights
+
+KERNELS = ("linear", "poly", "rbf", "sigmoid", "cosine")
+
+
+@register_weights("fem", uses_gradients=False, needs_context=True)
+def fem(ctx: Context) -> Tensor:
+    """FEM, Feature Explanation Method (Fuad et al., 2020): ``w_c`` is the fraction of positions
+    where ``A_c > mean(A_c) + k std(A_c)`` (population std, ``k = ctx.options["k"]``, default 2).
+
+    Returns:
+        weights (B, 1, C): the map is the same for every target (the engine broadcasts it).
+    """
+    flat = ctx.activations.flatten(2)
+    k = ctx.options.get("k", 2)
+    std, mean = torch.std_mean(flat, dim=-1, correction=0, keepdim=True)
+    return (flat > mean + k * std).to(flat.dtype).mean(-1)[:, None]
+
+
+def _kernel(rows: Tensor, kernel: str, gamma: float) -> Tensor:
+    """scikit-learn's ``pairwise_kernels`` (degree 3, coef0 1) of (B, P, C) rows -> (B, P, P)."""
+    if kernel == "cosine":
+        rows = rows / rows.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(rows.dtype).tiny)
+    dot = rows @ rows.transpose(-1, -2)
+    if kernel in ("linear", "cosine"):
+        return dot
+    if kernel == "poly":
+        return (gamma * dot + 1) ** 3
+    if kernel == "sigmoid":
+        return torch.tanh(gamma * dot + 1)
+    squared = rows.square().sum(-1)
+    return torch.exp(
+        -gamma * (squared[..., :, None] + squared[..., None, :] - 2 * dot).clamp_min(0)
+    )
+
+
+@register("kpca-cam", uses_gradients=False, needs_context=True)
+def kpca_cam(ctx: Context) -> Tensor:
+    """KPCA-CAM (Karmani et al., 2024): the first kernel principal component of the positions.
+
+    pytorch-grad-cam's ``get_2d_projection_kernel`` (scikit-learn ``KernelPCA(n_components=1)``),
+    batched on the device: per image, positions are rows, channels columns (centred); the kernel
+    matrix is double-centred and the projection is ``v sqrt(lambda)`` for its top eigenpair, with
+    scikit-learn's sign (``svd_flip``: the largest-magnitude entry of ``v`` is positive).
+    Options: ``kernel`` in ``KERNELS`` (default ``"sigmoid"``), ``gamma`` (default ``1 / C``).
+
+    Returns:
+        (B, 1, *s), after the ReLU; the same map for every target.
+    """
+    kernel = ctx.options.get("kernel", "sigmoid")
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {kernel!r}; use one of {', '.join(KERNELS)}")
+    a = ctx.activations
+    a = torch.where(a.isnan(), 0, a)
+    rows = a.flatten(2).transpose(1, 2)  # (B, P, C)
+    rows = rows - rows.mean(dim=1, keepdim=True)
+    gamma = ctx.options.get("gamma") or 1.0 / rows.shape[-1]
+    k = _kernel(rows, kernel, gamma)
+    k = k - k.mean(-1, keepdim=True) - k.mean(-2, keepdim=True) + k.mean((-2, -1), keepdim=True)
+    values, vectors = torch.linalg.eigh(k)
+    top = vectors[..., -1]  # (B, P): eigh sorts eigenvalues in ascending order
+    peak = top.gather(-1, top.abs().argmax(-1, keepdim=True))
+    projection = top * peak.sign() * values[..., -1:].clamp_min(0).sqrt()
+    return projection.relu().unflatten(-1, a.shape[2:])[:, None]

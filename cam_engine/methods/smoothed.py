@@ -1,0 +1,142 @@
+"""Averaged-over-samples methods of torchcam 0.5: Smooth Grad-CAM++, SS-CAM and IS-CAM.
+
+Options (``CAMEngine(method_options=...)``): ``num_samples``, ``std`` (noise), and ``generator``
+(a ``torch.Generator`` on the input's device) to make the noise reproducible; without one the
+global RNG is used. The noise is drawn in the input's dtype, one ``torch.randn`` call per pass
+(Smooth Grad-CAM++: the (B, C, H, W) input noise; SS-CAM: the (n, 1, H, W) mask noise of each
+chunk of ``batch_size`` masks).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from itertools import accumulate
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..layers import to_nchw
+from ..model import select_output
+from ._registry import Context, register, register_weights, spatial_sum, weighted_sum
+from .perturbation import _chunks
+
+
+def _noise(ctx: Context, shape: tuple[int, ...], std: float) -> Tensor:
+    x = ctx.x
+    return (
+        torch.randn(shape, generator=ctx.options.get("generator"), dtype=x.dtype, device=x.device)
+        * std
+    )
+
+
+@register("smoothgradcam++", uses_gradients=False, needs_context=True)
+def smoothgradcam_plus_plus(ctx: Context) -> Tensor:
+    """Smooth Grad-CAM++ (Omeiza et al., 2019) as torchcam 0.5's ``SmoothGradCAMpp`` computes it.
+
+    For ``num_samples`` (default 4) noisy inputs ``x + N(0, std^2)`` (``std`` default 0.3) the
+    gradients ``g`` of the target scores at the target layer are taken (closed form on a GAP head,
+    else a backward through the head only). With ``D2 = mean(g^2)``, ``D3 = mean(g^3)`` and the
+    clean map ``A``: ``alpha = D2 / (2 D2 + sum_positions(D3 A) + 1e-8)``. Like torchcam, whose
+    hooks stay on during the noisy passes, the weights are ``sum_positions(alpha relu(g'))`` and
+    the map ``ReLU(sum_c w_c A'_c)`` with ``g'``, ``A'`` the gradient and map of the *last* noisy
+    input.
+
+    Returns:
+        (B, K, *s).
+    """
+    x, size = ctx.x, tuple(ctx.x.shape[2:])
+    from ..engine import target_gradients  # the engine imports the methods: import on use
+
+    rows = torch.arange(x.shape[0], device=x.device)
+    samples, std = ctx.options.get("num_samples", 4), ctx.options.get("std", 0.3)
+    g2 = g3 = 0
+    for _ in range(samples):
+        noisy = x + _noise(ctx, tuple(x.shape), std)
+        features, output, gap = ctx.cam_model.explain_forward(noisy, ctx.gap is not None)
+        if gap is not None and ctx.gap is not None:
+            grads = gap.gradients(ctx.classes, features)
+        else:
+            with torch.enable_grad():
+                grads = target_gradients(ctx.scores(output, rows), features)
+        with torch.no_grad():
+            grads = to_nchw(grads.flatten(0, 1), ctx.reshape, size).unflatten(0, grads.shape[:2])
+            g2, g3 = g2 + grads.pow(2), g3 + grads.pow(3)
+    with torch.no_grad():
+        g2, g3 = g2 / samples, g3 / samples
+        alpha = g2 / (2 * g2 + spatial_sum(g3 * ctx.activations[:, None], 3) + 1e-8)
+        weights = (alpha * grads.relu()).sum(dim=tuple(range(3, alpha.ndim)))
+        last = to_nchw(features.detach(), ctx.reshape, size)
+        return weighted_sum(weights, last).relu()
+
+
+def _normalize(maps: Tensor) -> Tensor:
+    """torchcam's ``_normalize`` per (B, C) map: ``(m - min) / (max - min + 1e-8)``."""
+    flat = maps.flatten(2)
+    flat = flat - flat.amin(-1, keepdim=True)
+    return (flat / (flat.amax(-1, keepdim=True) + 1e-8)).view_as(maps)
+
+
+def _mask_weights(
+    ctx: Context, passes: int, masked: Callable[[int, Tensor, Tensor], Tensor]
+) -> Tensor:
+    """torchcam's Score-CAM weights averaged over ``passes``: softmax over channels of the mean
+    of ``score(masked(pass, x_rows, masks)) - score(x)``.
+
+    Each channel of ``A`` is min-max normalised, upsampled to the input size (half-pixel centres,
+    unlike pytorch-grad-cam's Score-CAM) and handed to ``masked`` ``ctx.batch_size`` at a time.
+
+    Returns:
+        weights (B, K, C).
+    """
+    a, x = ctx.activations, ctx.x
+    batch, channels = a.shape[:2]
+    low = _normalize(a)
+    mode = "bilinear" if a.ndim == 4 else "trilinear"
+    baseline = ctx.scores(ctx.logits, torch.arange(batch, device=x.device))  # (B, K)
+    total = 0
+    with torch.no_grad():
+        for n in range(passes):
+            scores = []
+            for idx in _chunks(batch * channels, ctx.batch_size, x.device):
+                rows, chans = idx // channels, idx % channels
+                masks = F.interpolate(low[rows, chans][:, None], x.shape[2:], mode=mode)
+                out = select_output(ctx.model(masked(n, x[rows], masks)), ctx.cam_model.output)
+                scores.append(ctx.scores(out, rows) - baseline[rows])
+            total = total + torch.cat(scores)
+    return (total / passes).view(batch, channels, -1).softmax(dim=1).transpose(1, 2)
+
+
+@register_weights("sscam", uses_gradients=False, needs_context=True)
+def sscam(ctx: Context) -> Tensor:
+    """SS-CAM (Wang et al., 2020) as torchcam 0.5's ``SSCAM``: Score-CAM weights averaged over
+    ``num_samples`` (default 35) passes whose upsampled masks get ``N(0, std^2)`` noise (``std``
+    default 2.0) added before they multiply the input.
+
+    Returns:
+        weights (B, K, C).
+    """
+    std = ctx.options.get("std", 2.0)
+
+    def masked(_: int, images: Tensor, masks: Tensor) -> Tensor:
+        return images * (masks + _noise(ctx, tuple(masks.shape), std))
+
+    return _mask_weights(ctx, ctx.options.get("num_samples", 35), masked)
+
+
+@register_weights("iscam", uses_gradients=False, needs_context=True)
+def iscam(ctx: Context) -> Tensor:
+    """IS-CAM (Naidu et al., 2020) as torchcam 0.5's ``ISCAM``: Score-CAM weights averaged over
+    ``num_samples`` (default 10) passes; pass ``i`` (from 0) scales the masked input by torchcam's
+    running coefficient ``sum_{j <= i} (j + 1) / num_samples``.
+
+    Returns:
+        weights (B, K, C).
+    """
+    samples = ctx.options.get("num_samples", 10)
+    coeffs = list(accumulate((j + 1) / samples for j in range(samples)))
+
+    def masked(n: int, images: Tensor, masks: Tensor) -> Tensor:
+        return coeffs[n] * (masks * images)
+
+    return _mask_weights(ctx, samples, masked)
