@@ -35,7 +35,8 @@ __all__ = [
     "available",
     "get",
     "fc_name",
-    "PgcGradCAM",
+    "PgcCAM",
+    "PGC_CLASSES",
 ]
 
 
@@ -209,25 +210,52 @@ def _reference(case: Case) -> Prepared:
 # pytorch-grad-cam --------------------------------------------------------------------------------
 
 
-class PgcGradCAM:
-    """pytorch-grad-cam's ``GradCAM`` on a case's model and layer, hooked between
-    :meth:`attach` and :meth:`detach`.
+#: pytorch-grad-cam 1.5.7's class for each method of ours that it defines
+PGC_CLASSES = {
+    "gradcam": "GradCAM",
+    "gradcam++": "GradCAMPlusPlus",
+    "xgradcam": "XGradCAM",
+    "layercam": "LayerCAM",
+    "hirescam": "HiResCAM",
+    "gradcam-elementwise": "GradCAMElementWise",
+    "eigencam": "EigenCAM",
+    "eigengradcam": "EigenGradCAM",
+    "scorecam": "ScoreCAM",
+    "ablationcam": "AblationCAM",
+    "fullgrad": "FullGrad",
+    "fem": "FEM",
+    "kpca-cam": "KPCA_CAM",
+    "shapleycam": "ShapleyCAM",
+    "finercam": "FinerCAM",
+}
+
+
+class PgcCAM:
+    """pytorch-grad-cam's class for ``method`` (default: the case's) on a case's model and
+    layer, hooked between :meth:`attach` and :meth:`detach`.
 
     ``explainer(x)`` -> heatmaps (B, H, W) NumPy float32 of each image's top-1 class;
     ``explainer(x, c)`` -> those of class ``c`` for every image.
     """
 
-    def __init__(self, case: Case) -> None:
+    def __init__(self, case: Case, method: str | None = None) -> None:
         self.pgc = _import("pytorch_grad_cam", "grad-cam (pytorch-grad-cam)")
         self.targets = _import("pytorch_grad_cam.utils.model_targets", "grad-cam")
+        method = method or case.method
+        if method not in PGC_CLASSES:
+            raise Unavailable(f"pytorch-grad-cam has no {method!r}")
+        self.cls = getattr(self.pgc, PGC_CLASSES[method])
         self.model, self.module = case.model, case.module
         self.explainer: Any = None
 
     def attach(self) -> None:
-        self.explainer = self.pgc.GradCAM(self.model, [self.module])
+        self.explainer = self.cls(self.model, [self.module])
 
     def detach(self) -> None:
-        self.explainer.activations_and_grads.release()
+        # FinerCAM keeps its hooks in the method it wraps
+        holder = getattr(self.explainer, "base_cam", self.explainer)
+        holder.activations_and_grads.gradients = []  # ShapleyCAM's keep a graph alive
+        holder.activations_and_grads.release()
         self.explainer = None
         self.model.zero_grad(set_to_none=True)
 
@@ -237,7 +265,7 @@ class PgcGradCAM:
 
 
 def _pytorch_grad_cam(case: Case) -> Prepared:
-    explainer = PgcGradCAM(case)
+    explainer = PgcCAM(case)
     device = case.x.device
     return Prepared(
         explainer,
@@ -358,7 +386,7 @@ BACKENDS: dict[str, Backend] = {
             methods=("gradcam", "cam"),
             note="hook-based, full backward (cam_engine.reference)",
         ),
-        Backend("pytorch-grad-cam", _pytorch_grad_cam, methods=("gradcam",)),
+        Backend("pytorch-grad-cam", _pytorch_grad_cam, methods=tuple(PGC_CLASSES)),
         Backend(
             "torchcam",
             _torchcam,
@@ -372,7 +400,13 @@ BACKENDS: dict[str, Backend] = {
             note="LayerGradCam, + 1 forward for the top-1 class, + postprocess.heatmaps",
         ),
         Backend("ort-plain", _ort_plain, baseline=None),
-        Backend("ort-cam", _ort_cam, baseline="ort-plain", note="exported CAM model, ONNX Runtime"),
+        Backend(
+            "ort-cam",
+            _ort_cam,
+            baseline="ort-plain",
+            methods=("gradcam", "cam"),
+            note="exported CAM model, ONNX Runtime",
+        ),
     )
 }
 

@@ -311,7 +311,7 @@ def run_all_classes(
         result.classes = case.model(x).shape[1]
     every = torch.arange(result.classes, device=x.device).expand(batch, -1)
     try:
-        pgc = bk.PgcGradCAM(case)
+        pgc = bk.PgcCAM(case, "gradcam")
     except bk.Unavailable as exc:
         result.skipped = str(exc)
         return result
