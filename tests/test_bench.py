@@ -21,6 +21,7 @@ from cam_engine.bench.harness import (
     make_case,
     peak_memory_child,
     run_all_classes,
+    run_model,
     time_interleaved,
 )
 from cam_engine.bench.models import ModelSpec
@@ -313,6 +314,30 @@ def test_bench_command_writes_json_markdown_and_png(tmp_path: Path):
     argv = ["bench", "--render", str(out / "results.json"), "--out", str(out)]
     assert main([*argv, "--markdown", str(markdown)]) == 0
     assert markdown.read_text() == (out / "BENCHMARKS.md").read_text()
+
+
+def test_autocast_runs_torch_backends_in_bf16_and_skips_onnx_runtime(tmp_path: Path):
+    spec = ModelSpec("resnet18", size=64, autocast="bf16")
+    backends = ["plain", "engine", "reference", "ort-plain", "ort-cam"]
+    rows = run_model(
+        spec,
+        2,
+        ["gradcam"],
+        backends,
+        repeats=1,
+        warmup=0,
+        memory=False,
+        workdir=tmp_path,
+        progress=False,
+    )
+    by_backend = {r.backend: r for r in rows}
+    for name in ("ort-plain", "ort-cam"):
+        assert "autocast" in by_backend[name].skipped
+    # bf16 maps: the hook reference's and the engine's agree to bf16 precision, not float32's
+    assert 1e-4 < by_backend["reference"].max_diff < 0.1
+    assert all(len(by_backend[n].times_s) == 1 for n in ("plain", "engine", "reference"))
+    with pytest.raises(ValueError, match="autocast must be one of bf16, fp16"):
+        ModelSpec("resnet18", autocast="int8")
 
 
 def test_bench_command_rejects_unknown_names(capsys):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -354,3 +355,14 @@ def test_module_called_twice_warns_and_names_each_call(resnet18):
     handle.remove()
     torch.testing.assert_close(first(x)[1], calls[0])
     torch.testing.assert_close(second(x)[1], calls[1])
+
+
+def test_autocast_gives_float32_heatmaps_close_to_float64(resnet18):
+    x = images(2, 64)
+    expected = ce.CAMEngine(resnet18, "layer4", "gradcam")(x)
+    model = copy.deepcopy(resnet18).float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        res = ce.CAMEngine(model, "layer4", "gradcam")(x.float(), expected.classes)
+    assert res.cams.dtype == torch.bfloat16 and res.heatmaps.dtype == torch.float32
+    error = (res.heatmaps.double() - expected.heatmaps).abs().max()
+    assert 1e-4 < error < 0.1  # bf16 keeps 8 significant bits

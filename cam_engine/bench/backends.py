@@ -339,7 +339,13 @@ def _providers(device: torch.device) -> list[str]:
     return ["CUDAExecutionProvider"] if device.type == "cuda" else ["CPUExecutionProvider"]
 
 
+def _float32_only(case: Case) -> None:
+    if torch.is_autocast_enabled(case.x.device.type):
+        raise Unavailable("ONNX Runtime runs the float32 file: autocast is for PyTorch backends")
+
+
 def _ort_cam(case: Case) -> Prepared:
+    _float32_only(case)
     export = _import("cam_engine.export", "cam_engine.export (the ONNX export issue)")
     path = case.workdir / f"{case.tag}-{case.method}-cam.onnx"
     if not path.exists():
@@ -359,6 +365,7 @@ def _ort_cam(case: Case) -> Prepared:
 
 
 def _ort_plain(case: Case) -> Prepared:
+    _float32_only(case)
     ort = _import("onnxruntime", "onnxruntime")
     path = case.workdir / f"{case.tag}-plain.onnx"
     if not path.exists():

@@ -217,6 +217,37 @@ def run_model(
     workdir.mkdir(parents=True, exist_ok=True)
     case = make_case(spec, batch, layer, methods[0] if methods else "gradcam", workdir)
     rows: dict[tuple[str, str], Measurement] = {}
+    x = case.x
+    with spec.autocast_context():
+        prepared = _prepare(spec, batch, methods, backends, case, rows)
+        calls = {f"{n}/{m}": p for (n, m), p in prepared.items()}
+        times = time_interleaved(calls, x, warmup, repeats, progress)
+        for name, method in prepared:
+            rows[name, method].times_s = times[f"{name}/{method}"]
+        if memory and x.device.type == "cuda":
+            for key, ready in prepared.items():
+                rows[key].peak_memory_bytes = peak_memory_cuda(ready, x)
+    if memory and x.device.type != "cuda":  # the child applies the spec's autocast itself
+        pairs = tqdm(prepared, desc="memory", unit="backend", disable=not progress, leave=False)
+        for name, method in pairs:
+            try:
+                rows[name, method].peak_memory_bytes = peak_memory_child(
+                    spec, batch, case.layer, method, name, workdir
+                )
+            except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                rows[name, method].note += f" (memory not measured: {exc})"
+    return list(rows.values())
+
+
+def _prepare(
+    spec: ModelSpec,
+    batch: int,
+    methods: Sequence[str],
+    backends: Sequence[str],
+    case: bk.Case,
+    rows: dict[tuple[str, str], Measurement],
+) -> dict[tuple[str, str], bk.Prepared]:
+    """Prepare every (backend, method), add its row, check its maps against the engine's."""
     prepared: dict[tuple[str, str], bk.Prepared] = {}
     reference_maps: dict[str, torch.Tensor] = {}
     for name, method in _tasks(methods, backends):
@@ -237,24 +268,7 @@ def run_model(
             maps = ready.heatmaps(out)
             reference_maps.setdefault(method, maps)  # the engine comes first when selected
             row.max_diff = max_difference(maps, reference_maps[method])
-    x = case.x
-    calls = {f"{n}/{m}": p for (n, m), p in prepared.items()}
-    times = time_interleaved(calls, x, warmup, repeats, progress)
-    for name, method in prepared:
-        rows[name, method].times_s = times[f"{name}/{method}"]
-    if memory and x.device.type == "cuda":
-        for key, ready in prepared.items():
-            rows[key].peak_memory_bytes = peak_memory_cuda(ready, x)
-    elif memory:
-        pairs = tqdm(prepared, desc="memory", unit="backend", disable=not progress, leave=False)
-        for name, method in pairs:
-            try:
-                rows[name, method].peak_memory_bytes = peak_memory_child(
-                    spec, batch, case.layer, method, name, workdir
-                )
-            except (RuntimeError, subprocess.TimeoutExpired) as exc:
-                rows[name, method].note += f" (memory not measured: {exc})"
-    return list(rows.values())
+    return prepared
 
 
 @dataclass
@@ -320,11 +334,12 @@ def run_all_classes(
         "engine": bk.Prepared(lambda x: engine(x, every)),
         "pgc": bk.Prepared(lambda x: pgc(x, next(classes)), None, pgc.attach, pgc.detach),
     }
-    # both compute the same map of class 0
-    first = calls["engine"].run(x).heatmaps[:, :1]
-    one = torch.from_numpy(bk.Prepared(lambda x: pgc(x, 0), None, pgc.attach, pgc.detach).run(x))
-    result.max_diff = max_difference(first, one[:, None].to(x.device))
-    del first
-    times = time_interleaved(calls, x, warmup=1, repeats=repeats, progress=progress)
+    with spec.autocast_context():
+        # both compute the same map of class 0
+        first = calls["engine"].run(x).heatmaps[:, :1]
+        pgc_first = bk.Prepared(lambda x: pgc(x, 0), None, pgc.attach, pgc.detach).run(x)
+        result.max_diff = max_difference(first, torch.from_numpy(pgc_first)[:, None])
+        del first
+        times = time_interleaved(calls, x, warmup=1, repeats=repeats, progress=progress)
     result.engine_s, result.pgc_call_s = times["engine"], times["pgc"]
     return result

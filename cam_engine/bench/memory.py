@@ -44,9 +44,8 @@ def measure(request: dict) -> int:
     spec = ModelSpec(**request["spec"])
     method = request["method"] if request["method"] != "-" else "gradcam"
     case = make_case(spec, request["batch"], request["layer"], method, Path(request["workdir"]))
-    x = case.x
-    ready = bk.get(request["backend"]).prepare(case)
-    return peak_growth(ready, x)
+    with spec.autocast_context():
+        return peak_growth(bk.get(request["backend"]).prepare(case), case.x)
 
 
 def peak_growth(ready: bk.Prepared, x: torch.Tensor, warmup: int = 2) -> int:

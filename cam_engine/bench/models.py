@@ -8,13 +8,17 @@ cumulative BatchNorm statistics gives O(1) activations, as in a trained model.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict, dataclass
 
 import torch
 import torchvision
 from torch import nn
 
-__all__ = ["ModelSpec", "build_model", "calibrate_batchnorm", "example_batch"]
+__all__ = ["AUTOCAST", "ModelSpec", "build_model", "calibrate_batchnorm", "example_batch"]
+
+#: ``--autocast`` names and their dtypes
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -27,6 +31,8 @@ class ModelSpec:
         seed: seed of the random initialisation and of the calibration batch.
         device: torch device string.
         channels_last: store weights (and feed inputs) in channels-last memory format.
+        autocast: ``"bf16"`` or ``"fp16"``: the PyTorch backends run under ``torch.autocast``
+            of that dtype (the model is built and calibrated in float32).
     """
 
     name: str
@@ -34,9 +40,22 @@ class ModelSpec:
     seed: int = 0
     device: str = "cpu"
     channels_last: bool = False
+    autocast: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.autocast is not None and self.autocast not in AUTOCAST:
+            raise ValueError(
+                f"autocast must be one of {', '.join(AUTOCAST)}, not {self.autocast!r}"
+            )
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def autocast_context(self) -> contextlib.AbstractContextManager:
+        """``torch.autocast`` as :attr:`autocast` asks on the spec's device; else a no-op."""
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(torch.device(self.device).type, dtype=AUTOCAST[self.autocast])
 
 
 def calibrate_batchnorm(model: nn.Module, x: torch.Tensor) -> nn.Module:

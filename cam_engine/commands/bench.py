@@ -14,7 +14,7 @@ from .. import methods
 from ..bench import backends as bk
 from ..bench import report
 from ..bench.harness import run_all_classes, run_model
-from ..bench.models import ModelSpec
+from ..bench.models import AUTOCAST, ModelSpec
 
 HELP = "benchmark the engine against plain inference and the hook-based libraries"
 
@@ -39,6 +39,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, help="untimed calls per backend first (2)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--channels-last", action="store_true", help="channels-last weights/inputs")
+    parser.add_argument(
+        "--autocast",
+        choices=list(AUTOCAST),
+        help="run the PyTorch backends under torch.autocast of this dtype (ONNX Runtime: skipped)",
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip peak-memory measurement")
     parser.add_argument(
         "--no-all-classes", action="store_true", help="skip the 'all classes at once' comparison"
@@ -107,6 +112,8 @@ def _command(cfg: dict, args: argparse.Namespace) -> str:
         parts.append("--no-memory")
     if args.layer:
         parts += ["--layer", args.layer]
+    if args.autocast:
+        parts += ["--autocast", args.autocast]
     return shlex.join(parts)
 
 
@@ -123,7 +130,13 @@ def run(args: argparse.Namespace) -> int:
     command = _command(cfg, args)
     rows, everything = [], []
     for name in cfg["models"]:
-        spec = ModelSpec(name, cfg["size"], device=args.device, channels_last=args.channels_last)
+        spec = ModelSpec(
+            name,
+            cfg["size"],
+            device=args.device,
+            channels_last=args.channels_last,
+            autocast=args.autocast,
+        )
         print(f"{name}: batch {cfg['batch']}, {cfg['size']}px, {args.device}", file=sys.stderr)
         rows += run_model(
             spec,
@@ -142,7 +155,13 @@ def run(args: argparse.Namespace) -> int:
                     spec, cfg["batch"], layer=args.layer, repeats=min(3, cfg["repeats"])
                 )
             )
-    config = {**cfg, "device": args.device, "channels_last": args.channels_last, "command": command}
+    config = {
+        **cfg,
+        "device": args.device,
+        "channels_last": args.channels_last,
+        "autocast": args.autocast,
+        "command": command,
+    }
     doc = report.results(rows, everything, report.environment(args.device), config)
     report.save_json(doc, args.out / "results.json")
     _write(doc, args, command)
