@@ -36,6 +36,8 @@ from .gradient import (
     xgradcam,
 )
 from .guided import GuidedReLU, guided_backprop, guided_gradcam
+from .legrad import legrad
+from .meta import refinecam, sess
 from .perturbation import ablationcam, scorecam
 from .rescored import finer_scores, finercam, shapleycam
 from .smoothed import iscam, smoothgradcam_plus_plus, sscam
@@ -75,4 +77,7 @@ __all__ = [
     "smoothgradcam_plus_plus",
     "sscam",
     "iscam",
+    "refinecam",
+    "sess",
+    "legrad",
 ]
