@@ -280,8 +280,12 @@ class CAMEngine:
         method = self.method
         resolved = targets if isinstance(targets, Resolved) else None
         one_hot = _is_class_ids(targets)
-        gap, grads = None, None
-        if method.uses_gradients:
+        gap, grads, head_graph = None, None, None
+        if method.needs_head_graph:
+            features, output, gap = cam_model.explain_forward(x, closed_form=False)
+            head_graph = (features, output)
+            resolved = resolved or resolve(targets, output.detach())
+        elif method.uses_gradients:
             features, output, gap = cam_model.explain_forward(x, self.closed_form and one_hot)
             if method.needs_gap_head and gap is None:
                 raise ValueError(self._no_gap_message())
@@ -323,6 +327,7 @@ class CAMEngine:
                 batch_size=self.batch_size,
                 options=self.method_options,
                 reshape=self.reshape,
+                head_graph=head_graph,
             )
             cams = self._run(ctx)
             guided = ctx.guided

@@ -63,6 +63,10 @@ class Context:
         guided: set by guided methods: (B, K, C, H, W) guided input gradients.
         reshape: the engine's ``reshape`` (see :func:`cam_engine.layers.to_nchw`), for methods
             that compute target maps or gradients of their own.
+        head_graph: for methods registered with ``needs_head_graph``: ``(features, output)``
+            of :meth:`cam_engine.CAMModel.explain_forward` without the closed form: ``features``
+            (B, *F) is a leaf that requires grad and ``output`` depends on it through the head
+            only, so the method differentiates scores of its own without another trunk pass.
     """
 
     x: Tensor
@@ -80,6 +84,7 @@ class Context:
     options: dict[str, Any] = field(default_factory=dict)
     guided: Tensor | None = None
     reshape: Any = None
+    head_graph: tuple[Tensor, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -96,6 +101,8 @@ class Method:
             ``eigen_smooth``; ``None`` when the method has no such form.
         input_maps: the output is at the input's resolution already (no target map involved).
         two_d_only: defined for 2-D images only.
+        needs_head_graph: the engine runs the head with autograd and hands the graph over in
+            :attr:`Context.head_graph` (methods that differentiate scores of their own).
     """
 
     name: str
@@ -106,6 +113,7 @@ class Method:
     weighted: MethodFn | None = None
     input_maps: bool = False
     two_d_only: bool = False
+    needs_head_graph: bool = False
 
 
 _METHODS: dict[str, Method] = {}

@@ -1,8 +1,8 @@
 """Methods that differentiate something other than the explained score once: ShapleyCAM (a
 Hessian-vector product) and Finer-CAM (a contrastive score), as pytorch-grad-cam 1.5.7 defines them.
 
-Both run the split's head again with autograd on (``CAMModel.explain_forward`` with
-``closed_form=False``): the backward still stops at the target map.
+Both differentiate the head's graph that the engine keeps for them (``needs_head_graph``): the
+trunk runs once, and the backward still stops at the target map.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def _nchw(ctx: Context, grads: Tensor) -> Tensor:
     return flat.unflatten(0, grads.shape[:2])
 
 
-@register_weights("shapleycam", uses_gradients=False, needs_context=True)
+@register_weights("shapleycam", uses_gradients=False, needs_context=True, needs_head_graph=True)
 def shapleycam(ctx: Context) -> Tensor:
     """ShapleyCAM (Cai et al., 2025): ``w = mean over positions of (g - H A / 2)``, ``g`` = dS/dA,
     ``H A`` the Hessian of the score with respect to ``A`` times ``A``.
@@ -34,7 +34,7 @@ def shapleycam(ctx: Context) -> Tensor:
     Returns:
         weights (B, K, C).
     """
-    features, output, _ = ctx.cam_model.explain_forward(ctx.x, closed_form=False)
+    features, output = ctx.head_graph
     rows = torch.arange(ctx.x.shape[0], device=ctx.x.device)
     with torch.enable_grad():
         scores = ctx.scores(output, rows)
@@ -87,7 +87,7 @@ def finer_scores(logits: Tensor, classes: Tensor, alpha: float, comparisons) -> 
 def _finer_inputs(ctx: Context) -> tuple[Tensor, Tensor]:
     from ..engine import target_gradients  # the engine imports the methods: import on use
 
-    features, output, _ = ctx.cam_model.explain_forward(ctx.x, closed_form=False)
+    features, output = ctx.head_graph
     with torch.enable_grad():
         scores = finer_scores(
             output,
@@ -112,7 +112,13 @@ def _finer_weighted(ctx: Context) -> Tensor:
     return _finer_base(ctx).weighted(*_finer_inputs(ctx))
 
 
-@register("finercam", uses_gradients=False, needs_context=True, weighted=_finer_weighted)
+@register(
+    "finercam",
+    uses_gradients=False,
+    needs_context=True,
+    needs_head_graph=True,
+    weighted=_finer_weighted,
+)
 def finercam(ctx: Context) -> Tensor:
     """Finer-CAM (Zhang et al., 2025): a base method (``ctx.options["base"]``, default
     ``"gradcam"``) on the gradient of :func:`finer_scores` instead of the class score, which
