@@ -13,6 +13,10 @@ straight to its image's original size. Outputs in ``--out``:
 - ``skipped.csv``: image, reason, for files that could not be decoded (header only if none).
 
 ``<image>`` is the image's path relative to the folder shared by all inputs (``a/1.jpg``).
+
+With ``--ray [ADDRESS]`` the same images are explained on a Ray cluster by
+:mod:`cam_engine.distributed`, with the helpers below (:func:`load`, :func:`explain_batch`,
+:func:`original_size_maps`, :func:`pictures`), so both ways give the same outputs.
 """
 
 from __future__ import annotations
@@ -24,12 +28,15 @@ import re
 import sys
 import time
 from collections import defaultdict, deque
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
+from typing import TextIO
 
 import torch
 import torchvision.transforms.v2.functional as TF
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -110,6 +117,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="png,sheet,npz",
         help=f"comma-separated, of {','.join(SAVE_CHOICES)} (predictions.csv is always written)",
     )
+    parser.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        metavar="ADDRESS",
+        help='explain on a Ray cluster (pip install "cam-engine[ray]"): auto, host:6379 or '
+        "ray://host:10001; bare --ray (after the images) starts a local one. Resumable: a rerun "
+        "skips the images already done in --out; npz means heatmaps in Parquet shards",
+    )
+    parser.add_argument(
+        "--actors",
+        type=int,
+        help="with --ray: model replicas (default: one per GPU of the cluster, else one per CPU)",
+    )
 
 
 def _cpu_count() -> int:
@@ -144,7 +165,8 @@ def _numbers(text: str | None, kind: type, what: str) -> list | None:
         raise ValueError(f"{what} {text!r}: expected comma-separated numbers") from None
 
 
-def _save_set(text: str) -> set[str]:
+def parse_save(text: str) -> set[str]:
+    """``"png,npz"`` -> ``{"png", "npz"}``; ``ValueError`` for a name not in ``SAVE_CHOICES``."""
     chosen = {part.strip() for part in text.split(",") if part.strip()}
     unknown = chosen - set(SAVE_CHOICES)
     if unknown:
@@ -172,7 +194,7 @@ class _Writer:
         self, args: argparse.Namespace, loaded: LoadedModel, keys: list[str], stack: ExitStack
     ) -> None:
         self.out, self.loaded, self.keys = args.out, loaded, keys
-        self.save = _save_set(args.save)
+        self.save = parse_save(args.save)
         self.colormap, self.alpha = args.colormap, args.alpha
         self.out.mkdir(parents=True, exist_ok=True)
         self.csv = csv.writer(
@@ -202,49 +224,94 @@ class _Writer:
                 self.csv.writerow([self.keys[index], c, self.loaded.class_name(c), f"{p:.6g}"])
         if not self.save:
             return
-        # Maps of same-size images are upsampled and coloured in one call.
-        by_size: dict[tuple[int, int], list[int]] = defaultdict(list)
-        for row, image in enumerate(batch.originals):
-            by_size[tuple(image.shape[1:])].append(row)
-        for size, rows in by_size.items():
-            picked = torch.tensor(rows, device=cams.device)
-            maps = heatmaps(cams.index_select(0, picked), size)
-            images = torch.stack([batch.originals[r] for r in rows]).to(cams.device)
-            overlays = overlay(images, maps, self.colormap, self.alpha).cpu()
-            maps = maps.float().cpu()
-            for i, row in enumerate(rows):
-                key = self.keys[batch.indices[row]]
-                if self.npz is not None:
-                    self.npz.add(key, maps[i])
-                titles = [Path(key).name] + [
-                    f"{self.loaded.class_name(c)} p={p:.2f}"
-                    for c, p in zip(classes[row], scores[row], strict=True)
-                ]
-                self._submit(key, batch.originals[row], overlays[i], classes[row], titles)
+        colormap = self.colormap if self.save & {"png", "sheet"} else None
+        for row, maps, overlays in original_size_maps(batch, cams, colormap, self.alpha):
+            key = self.keys[batch.indices[row]]
+            if self.npz is not None:
+                self.npz.add(key, maps)
+            if overlays is not None:
+                names = [self.loaded.class_name(c) for c in classes[row]]
+                found = pictures(
+                    key, batch.originals[row], overlays, classes[row], names, scores[row], self.save
+                )
+                self._submit(found)
 
-    def _submit(
-        self, key: str, image: Tensor, overlays: Tensor, classes: list[int], titles: list[str]
-    ) -> None:
+    def _submit(self, found: Iterator[tuple[str, Tensor | Image.Image]]) -> None:
         while len(self.pending) >= self.max_pending:
             self.pending.popleft().result()
-        job = self.pool.submit(self._pictures, key, image, overlays, classes, titles)
-        self.pending.append(job)
+        self.pending.append(self.pool.submit(self._pictures, found))
 
-    def _pictures(
-        self, key: str, image: Tensor, overlays: Tensor, classes: list[int], titles: list[str]
-    ) -> None:
-        """Overlay PNGs (K, 3, H, W) and the contact sheet of one image."""
-        if "png" in self.save:
-            for c, tile in zip(classes, overlays, strict=True):
-                save_png(self.out / "overlays" / f"{key}.{c}.png", tile)
-        if "sheet" in self.save:
-            tiles = _shrink(torch.cat([image[None], overlays]))
-            save_png(self.out / "sheets" / f"{key}.png", contact_sheet(tiles[None], [titles]))
+    def _pictures(self, found: Iterator[tuple[str, Tensor | Image.Image]]) -> None:
+        """Write the overlay PNGs and the contact sheet of one image."""
+        for name, picture in found:
+            save_png(self.out / name, picture)
 
     def finish(self) -> None:
         """Wait for the pictures still being written; the first failure is raised."""
         while self.pending:
             self.pending.popleft().result()
+
+
+def original_size_maps(
+    batch: Batch, cams: Tensor, colormap: str | None, alpha: float
+) -> Iterator[tuple[int, Tensor, Tensor | None]]:
+    """Each image's heatmaps at its original size, and their overlays.
+
+    Maps of same-size images are upsampled (and coloured) in one call, on the maps' device.
+
+    Args:
+        batch: the decoded images (originals at their own sizes).
+        cams: (B, K, h, w) maps from the engine.
+        colormap: the overlays' colour map, or ``None`` for no overlays.
+        alpha: weight of the colour in the overlays.
+
+    Yields:
+        (row in the batch, heatmaps (K, H, W) float32 in [0, 1] on the CPU, overlays
+        (K, 3, H, W) uint8 on the CPU or ``None``), grouped by image size.
+    """
+    by_size: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for row, image in enumerate(batch.originals):
+        by_size[tuple(image.shape[1:])].append(row)
+    for size, rows in by_size.items():
+        picked = torch.tensor(rows, device=cams.device)
+        maps = heatmaps(cams.index_select(0, picked), size)
+        overlays = None
+        if colormap is not None:
+            images = torch.stack([batch.originals[r] for r in rows]).to(cams.device)
+            overlays = overlay(images, maps, colormap, alpha).cpu()
+        maps = maps.float().cpu()
+        for i, row in enumerate(rows):
+            yield row, maps[i], None if overlays is None else overlays[i]
+
+
+def pictures(
+    key: str,
+    image: Tensor,
+    overlays: Tensor,
+    classes: list[int],
+    names: list[str],
+    scores: list[float],
+    save: set[str],
+) -> Iterator[tuple[str, Tensor | Image.Image]]:
+    """The overlay PNGs and the contact sheet of one image, rendered when iterated.
+
+    Args:
+        key: the image's key; image: (3, H, W) uint8 original; overlays: (K, 3, H, W) uint8.
+        classes, names, scores: the K explained classes, their names and probabilities.
+        save: which pictures (``"png"``, ``"sheet"``; other names are ignored).
+
+    Yields:
+        (path relative to the output folder, picture for :func:`cam_engine.io.save_png`).
+    """
+    if "png" in save:
+        for c, tile in zip(classes, overlays, strict=True):
+            yield f"overlays/{key}.{c}.png", tile
+    if "sheet" in save:
+        titles = [Path(key).name] + [
+            f"{name} p={p:.2f}" for name, p in zip(names, scores, strict=True)
+        ]
+        tiles = _shrink(torch.cat([image[None], overlays]))
+        yield f"sheets/{key}.png", contact_sheet(tiles[None], [titles])
 
 
 def _shrink(tiles: Tensor) -> Tensor:
@@ -257,7 +324,7 @@ def _shrink(tiles: Tensor) -> Tensor:
     return TF.resize(tiles, size, antialias=True)
 
 
-def _explain(
+def explain_batch(
     engine: ce.CAMEngine, loaded: LoadedModel, batch: Batch, targets: TopK | BottomK | list[int]
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(cams (B, K, h, w), classes (B, K), softmax scores (B, K)) of a decoded batch."""
@@ -270,19 +337,35 @@ def _explain(
     return res.cams, res.classes, scores
 
 
-def run(args: argparse.Namespace) -> int:
-    # Cheap checks first: a typo should not wait for the model and the images.
+def check_args(args: argparse.Namespace) -> TopK | BottomK | list[int]:
+    """The cheap checks, so that a typo does not wait for the model and the images.
+
+    Returns:
+        The parsed ``--targets``.
+    """
     ce.methods.get(args.method)
     colormap_lut(args.colormap)
     targets = parse_targets(args.targets)
-    _save_set(args.save)
+    parse_save(args.save)
     if not 0 <= args.alpha <= 1:
         raise ValueError(f"--alpha must be in [0, 1], got {args.alpha}")
     if args.batch_size < 1 or args.workers < 0:
         raise ValueError("--batch-size must be >= 1 and --workers >= 0")
-    device = _device(args.device)
-    paths = find_images(args.images)
-    keys = image_keys(paths)
+    if args.actors is not None and args.actors < 1:
+        raise ValueError("--actors must be >= 1")
+    if args.device is not None:
+        _device(args.device)
+    return targets
+
+
+def load(
+    args: argparse.Namespace, device: torch.device, state: dict[str, Tensor] | None = None
+) -> tuple[LoadedModel, ce.CAMEngine]:
+    """The model named by the arguments, on ``device``, and its engine.
+
+    ``state``: a ``state_dict`` loaded into the model before the engine is built (so that
+    every Ray actor runs the driver's weights, random ones included).
+    """
     loaded = load_model(
         args.model,
         args.weights,
@@ -293,9 +376,26 @@ def run(args: argparse.Namespace) -> int:
         std=_numbers(args.std, float, "--std"),
         num_classes=args.num_classes,
     )
+    if state is not None:
+        loaded.model.load_state_dict(state)
     engine = ce.CAMEngine(
         loaded.model, args.target_layer, args.method, input_size=loaded.input_size
     )
+    return loaded, engine
+
+
+def run(args: argparse.Namespace) -> int:
+    targets = check_args(args)
+    if args.ray is not None:
+        try:
+            from ..distributed import run as run_on_ray  # Ray is an optional extra
+        except ImportError as exc:
+            raise ValueError(str(exc)) from None
+        return run_on_ray(args)
+    device = _device(args.device)
+    paths = find_images(args.images)
+    keys = image_keys(paths)
+    loaded, engine = load(args, device)
     print(
         f"explaining {len(paths)} images with {loaded.source} at {engine.target_layer!r} "
         f"({args.method}, {engine.split_kind} split, input {loaded.input_size[0]}x"
@@ -317,7 +417,7 @@ def run(args: argparse.Namespace) -> int:
         for batch in loader:
             skipped += batch.skipped
             if batch.inputs is not None:
-                writer.write(batch, *_explain(engine, loaded, batch, targets))
+                writer.write(batch, *explain_batch(engine, loaded, batch, targets))
             bar.update(len(batch.indices) + len(batch.skipped))
     elapsed = time.perf_counter() - start
     return _report(args.out, paths, keys, skipped, elapsed)
@@ -328,9 +428,7 @@ def _report(
 ) -> int:
     """Write ``skipped.csv``, print the summary; 1 when no image could be read."""
     with open(out / "skipped.csv", "w", newline="") as file:
-        table = csv.writer(file)
-        table.writerow(["image", "reason"])
-        table.writerows((keys[i], reason) for i, reason in skipped)
+        write_skipped(file, [(keys[i], reason) for i, reason in skipped])
     done = len(paths) - len(skipped)
     print(
         f"explained {done} of {len(paths)} images in {elapsed:.1f} s "
@@ -345,3 +443,10 @@ def _report(
         for i, reason in skipped:
             print(f"  {paths[i]}: {reason}", file=sys.stderr)
     return 0 if done else 1
+
+
+def write_skipped(file: TextIO, rows: list[tuple[str, str]]) -> None:
+    """``skipped.csv``: the header ``image, reason`` and one row per unreadable image."""
+    table = csv.writer(file)
+    table.writerow(["image", "reason"])
+    table.writerows(rows)
