@@ -8,16 +8,18 @@ import numpy as np
 import onnx
 import pytest
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 from conftest import images, make_model
 from test_engine import TutorialCAMNet
 from torch import nn
+from torchvision.models.convnext import LayerNorm2d
 
 import cam_engine as ce
 from cam_engine import postprocess
 from cam_engine.cli import main
 from cam_engine.export import OrtCAM, optimize, to_onnx
-from cam_engine.export.graphs import adaptive_avg_pool
+from cam_engine.export.graphs import adaptive_avg_pool, find_pool_mlp, layer_norm_backward
 
 F32 = torch.float32
 
@@ -50,6 +52,35 @@ class SmallVGG(nn.Module):
 def small_vgg() -> nn.Module:
     torch.manual_seed(0)
     return SmallVGG().eval()
+
+
+class SmallNormNet(nn.Module):
+    """ConvNeXt's head at a small scale: AdaptiveAvgPool2d(pooled) -> LayerNorm2d -> Flatten ->
+    an MLP with an in-place SiLU and a plain LayerNorm; affine parameters away from (1, 0)."""
+
+    def __init__(self, pooled: int = 1, classes: int = 12) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(16, 24, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        )  # fmt: skip
+        self.avgpool = nn.AdaptiveAvgPool2d(pooled)
+        self.classifier = nn.Sequential(
+            LayerNorm2d(24, eps=1e-6), nn.Flatten(1),
+            nn.Linear(24 * pooled**2, 32), nn.SiLU(inplace=True), nn.LayerNorm(32),
+            nn.Linear(32, classes),
+        )  # fmt: skip
+        for norm in (self.classifier[0], self.classifier[4]):
+            nn.init.normal_(norm.weight, 1.0, 0.5)
+            nn.init.normal_(norm.bias, 0.0, 0.5)
+
+    def forward(self, x):
+        return self.classifier(self.avgpool(self.features(x)))
+
+
+def small_norm_net(pooled: int = 1) -> nn.Module:
+    torch.manual_seed(0)
+    return SmallNormNet(pooled).eval()
 
 
 def assert_matches_engine(ort_cam: OrtCAM, model, method: str, x, targets=None, atol=1e-4):
@@ -204,6 +235,57 @@ def test_vgg_style_head_gradcam_any_size(tmp_path):
         assert_matches_engine(ort_cam, net, "gradcam", images(batch, size, F32, seed=batch))
 
 
+@pytest.mark.parametrize("affine", [True, False])
+def test_layer_norm_backward_matches_autograd(affine):
+    torch.manual_seed(0)
+    norm = nn.LayerNorm(10, eps=1e-3, elementwise_affine=affine).double()
+    if affine:
+        nn.init.normal_(norm.weight, 1.0, 0.5)
+        nn.init.normal_(norm.bias, 0.0, 0.5)
+    x = torch.randn(3, 10, dtype=torch.float64, requires_grad=True) * 2 + 1
+    grads = torch.randn(3, 4, 10, dtype=torch.float64)
+    y = norm(x)
+    want = torch.stack(
+        [torch.autograd.grad(y, x, grads[:, k], retain_graph=True)[0] for k in range(4)], 1
+    )
+    torch.testing.assert_close(layer_norm_backward(norm, x.detach(), grads), want)
+
+
+def test_layer_norm2d_kept_as_leaf_or_traced_reads_the_same():
+    torch.manual_seed(0)
+    head = nn.Sequential(nn.AdaptiveAvgPool2d(1), LayerNorm2d(8), nn.Flatten(1), nn.Linear(8, 3))
+
+    class LeafTracer(fx.Tracer):
+        def is_leaf_module(self, module, name):
+            return isinstance(module, LayerNorm2d) or super().is_leaf_module(module, name)
+
+    leaf = fx.GraphModule(head, LeafTracer().trace(head))
+    for graph in (fx.symbolic_trace(head), leaf):  # permute -> layer_norm -> permute, module
+        parsed = find_pool_mlp(graph)
+        norm, linear = parsed.layers
+        assert type(norm) is nn.LayerNorm and linear is head[3]
+        assert norm.weight is head[1].weight and norm.bias is head[1].bias
+        assert norm.eps == head[1].eps and norm.normalized_shape == (8,)
+
+
+def test_layer_norm_head_gradcam_any_size(tmp_path):
+    net = small_norm_net()
+    path = tmp_path / "norm.onnx"
+    result = to_onnx(net, path, "features", "gradcam", topk=3, input_size=(48, 40),
+                     dynamic_size=True)  # fmt: skip
+    assert result.metadata["head"] == "pool-mlp"
+    ort_cam = OrtCAM(path)
+    for batch, size in [(1, (48, 40)), (8, (64, 64))]:
+        assert_matches_engine(ort_cam, net, "gradcam", images(batch, size, F32, seed=batch))
+
+
+def test_layer_norm2d_on_a_map_not_pooled_to_1x1_is_refused(tmp_path):
+    path = tmp_path / "norm.onnx"
+    with pytest.raises(ValueError, match=r"LayerNorm over channels .* only on a 1x1 pooled map"):
+        to_onnx(small_norm_net(pooled=2), path, "features", "gradcam", input_size=(48, 48))
+    assert not path.exists()
+
+
 def test_unsupported_heads_and_arguments_raise(tmp_path):
     path = tmp_path / "x.onnx"
     with pytest.raises(ValueError, match="global average pooling"):
@@ -315,12 +397,17 @@ def test_mobilenet_v3_gradcam_through_a_hardswish_mlp(tmp_path):
 
 
 @pytest.mark.slow
-def test_convnext_head_is_refused_with_the_op_named(tmp_path):
+def test_convnext_gradcam_through_its_layer_norm2d(tmp_path):
     model = make_model("convnext_tiny", 64, dtype=F32)
-    with pytest.raises(ValueError, match="global average pooling"):
-        to_onnx(model, tmp_path / "c.onnx", method="cam", input_size=(64, 64))
-    with pytest.raises(ValueError, match=r"unsupported op in the head: call_method 'permute'"):
-        to_onnx(model, tmp_path / "c.onnx", method="gradcam", input_size=(64, 64))
+    path = tmp_path / "convnext.onnx"
+    with pytest.raises(ValueError, match="global average pooling"):  # LayerNorm2d: not linear
+        to_onnx(model, path, method="cam", input_size=(64, 64))
+    result = to_onnx(model, path, method="gradcam", topk=2, input_size=(64, 64))
+    assert result.metadata["head"] == "pool-mlp" and result.metadata["target_layer"] == "features"
+    assert max(result.errors.values()) < 1e-4  # batch 3
+    ort_cam = OrtCAM(path)
+    for batch in (1, 8):
+        assert_matches_engine(ort_cam, model, "gradcam", images(batch, 64, F32, seed=batch))
 
 
 @pytest.mark.slow

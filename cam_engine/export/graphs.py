@@ -7,9 +7,10 @@ graph that stays exact at every batch size and, where the ops allow, every input
 - :class:`GapCAM`: a global-average-pool -> linear head. dScore/dA is ``W[c] / (h*w)``, so the
   FC rows of the chosen classes are gathered and contracted with ``A`` (CAM and Grad-CAM differ
   only by that ``1 / (h*w)``, which min-max normalisation removes);
-- :class:`PoolMLPGradCAM`: pooling -> flatten -> MLP heads (VGG). Grad-CAM needs only the
-  spatial sum of dScore/dA, and pooling passes gradient sums through unchanged, so the backward
-  runs through the MLP only, written out as matrix products and ReLU masks.
+- :class:`PoolMLPGradCAM`: pooling -> flatten -> MLP heads (VGG, MobileNetV3, ConvNeXt's
+  ``LayerNorm2d`` on the 1x1 pooled map). Grad-CAM needs only the spatial sum of dScore/dA, and
+  pooling passes gradient sums through unchanged, so the backward runs through the MLP only,
+  written out as matrix products, activation derivatives and LayerNorm backwards.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision.models.convnext import LayerNorm2d
 
-from ..heads import _dropout, _is_flatten, _is_shape_query
+from ..heads import _arg, _dropout, _is_flatten, _is_shape_query
 from ..model import CAMModel, select_output
 from ..postprocess import colormap_lut, normalize
 
@@ -153,12 +155,15 @@ class GapCAM(_CAMGraph):
 
 @dataclass
 class PoolMLP:
-    """A head ``A -> pool* -> flatten -> (Linear | activation | inactive Dropout)*``.
+    """A head ``A -> pool* -> [channel LayerNorm] -> flatten -> (Linear | activation |
+    LayerNorm | inactive Dropout)*``.
 
     Attributes:
         pools: pooling modules applied to ``A`` in order; each passes gradient sums unchanged.
-        layers: the MLP after flattening: ``nn.Linear`` and elementwise activation modules
-            (ReLU, Hardswish, SiLU, exact GELU).
+        layers: the MLP on the flattened (B, D) pooled map: ``nn.Linear``, ``nn.LayerNorm`` over
+            the last dimension and elementwise activation modules (ReLU, Hardswish, SiLU, exact
+            GELU). A LayerNorm over the channels of a 1x1 pooled map (ConvNeXt) is its first
+            layer: on (B, C, 1, 1) it is the same LayerNorm of the flattened (B, C) vector.
     """
 
     pools: list[nn.Module]
@@ -217,6 +222,99 @@ def derivative(activation: nn.Module, z: Tensor) -> Tensor:
     return cdf + z * torch.exp(-0.5 * z * z) * 0.3989422804014327
 
 
+def layer_norm_backward(norm: nn.LayerNorm, x: Tensor, grads: Tensor) -> Tensor:
+    """dScore/dx through ``y = norm(x)`` over the last dimension D, from dScore/dy.
+
+    With ``xhat = (x - mean) / sigma``, ``sigma = sqrt(biased var + eps)`` and ``g' = g * gamma``:
+    ``dx = (g' - mean(g') - xhat * mean(g' * xhat)) / sigma``, means over D.
+
+    Args:
+        norm: a LayerNorm with ``normalized_shape == (D,)``.
+        x: (B, D) its input.
+        grads: (B, K, D) dScore/dy of K classes.
+
+    Returns:
+        (B, K, D) in the dtype of ``grads``.
+    """
+    # float32 at least: an fp16 variance over hundreds of channels loses the small ones
+    dtype = torch.promote_types(grads.dtype, torch.float32)
+    x = x.to(dtype)
+    centered = x - x.mean(-1, keepdim=True)
+    sigma = (centered.square().mean(-1, keepdim=True) + norm.eps).sqrt().unsqueeze(1)
+    xhat = centered.unsqueeze(1) / sigma
+    g = grads.to(dtype) if norm.weight is None else grads.to(dtype) * norm.weight.to(dtype)
+    dx = g - g.mean(-1, keepdim=True) - xhat * (g * xhat).mean(-1, keepdim=True)
+    return (dx / sigma).to(grads.dtype)
+
+
+def _flat_layer_norm(shape, weight: Tensor | None, bias: Tensor | None, eps: float) -> nn.LayerNorm:
+    """A plain ``nn.LayerNorm`` sharing the given parameters (either may be absent)."""
+    norm = nn.LayerNorm(shape, eps, elementwise_affine=False)
+    norm.weight, norm.bias = weight, bias
+    return norm
+
+
+def _layer_norm(node: fx.Node, head: fx.GraphModule) -> nn.LayerNorm | None:
+    """The LayerNorm over the last dimension a node applies (module or functional), else None."""
+    if node.op == "call_module":
+        module = head.get_submodule(node.target)
+        # the exact type: subclasses (LayerNorm2d) normalise other dimensions in their forward
+        plain = type(module) is nn.LayerNorm and len(module.normalized_shape) == 1
+        return module if plain else None
+    if node.op != "call_function" or node.target is not F.layer_norm:
+        return None
+    shape, eps = _arg(node, 1, "normalized_shape"), _arg(node, 4, "eps", 1e-5)
+    affine = [_arg(node, 2, "weight"), _arg(node, 3, "bias")]
+    over_last = isinstance(shape, tuple | list) and len(shape) == 1
+    if not over_last or any(a is not None and a.op != "get_attr" for a in affine):
+        return None
+    weight, bias = (a if a is None else head.get_parameter(a.target) for a in affine)
+    return _flat_layer_norm(shape, weight, bias, eps)
+
+
+def _permutes(node: fx.Node, dims: tuple[int, ...]) -> bool:
+    """Whether ``node`` permutes the dimensions of a 4-d tensor into the order ``dims``."""
+    method = node.op == "call_method" and node.target == "permute"
+    if not (method or (node.op == "call_function" and node.target is torch.permute)):
+        return False
+    order = node.kwargs.get("dims", node.args[1:])
+    order = order[0] if len(order) == 1 and isinstance(order[0], tuple | list) else order
+    return all(isinstance(d, int) for d in order) and tuple(d % 4 for d in order) == dims
+
+
+def _next(node: fx.Node) -> fx.Node:
+    """The one node using ``node``'s value (shape queries aside); ``ValueError`` on a branch."""
+    users = [u for u in node.users if not _is_shape_query(u)]
+    if len(users) != 1:
+        raise ValueError(f"the head branches after {node.name!r}; only chains are supported")
+    return users[0]
+
+
+def _channel_norm(node: fx.Node, head: fx.GraphModule) -> tuple[nn.LayerNorm, fx.Node] | None:
+    """The LayerNorm over the channels of a (B, C, h, w) map starting at ``node``, as a LayerNorm
+    of the last dimension, and its last node: a ``LayerNorm2d`` module kept as a leaf, or its
+    traced ``permute(0, 2, 3, 1) -> layer_norm -> permute(0, 3, 1, 2)``. None if neither."""
+    if node.op == "call_module":
+        module = head.get_submodule(node.target)
+        if not isinstance(module, LayerNorm2d):
+            return None
+        norm = _flat_layer_norm(module.normalized_shape, module.weight, module.bias, module.eps)
+        return norm, node
+    if not _permutes(node, (0, 2, 3, 1)):
+        return None
+    norm = _layer_norm(inner := _next(node), head)
+    if norm is None or not _permutes(end := _next(inner), (0, 3, 1, 2)):
+        return None
+    return norm, end
+
+
+def _pooled_to_one(pools: list[nn.Module]) -> bool:
+    """Whether the pooled map is 1x1 at every input size: the last pool is adaptive to 1x1."""
+    last = pools[-1] if pools else None
+    adaptive = isinstance(last, nn.AdaptiveAvgPool2d | nn.AdaptiveMaxPool2d)
+    return adaptive and _pair(last.output_size) == (1, 1)
+
+
 def find_pool_mlp(head: fx.GraphModule) -> PoolMLP:
     """Read a pool -> flatten -> MLP head, or raise ``ValueError`` naming the first other op."""
     modules = dict(head.named_modules())
@@ -227,19 +325,26 @@ def find_pool_mlp(head: fx.GraphModule) -> PoolMLP:
             "layer); only heads fed by the target map alone can be exported"
         )
     node, pools, layers, flat = placeholders[0], [], [], False
-    while True:
-        users = [u for u in node.users if not _is_shape_query(u)]
-        if len(users) != 1:
-            raise ValueError(f"the head branches after {node.name!r}; only chains are supported")
-        node = users[0]
-        if node.op == "output":
-            break
-        if not flat and node.op == "call_module" and _conserves_gradient_sum(modules[node.target]):
+    while (node := _next(node)).op != "output":
+        # pools come first: the graph pools before it runs the layers
+        pooling = not flat and not layers and node.op == "call_module"
+        if pooling and _conserves_gradient_sum(modules[node.target]):
             pools.append(modules[node.target])
+        elif not flat and (channel_norm := _channel_norm(node, head)) is not None:
+            if not _pooled_to_one(pools):
+                raise ValueError(
+                    f"the LayerNorm over channels (LayerNorm2d) at {_describe(node, modules)} "
+                    "is supported only on a 1x1 pooled map, where it is a LayerNorm of the "
+                    "flattened vector; the map before it is not adaptively pooled to 1x1"
+                )
+            norm, node = channel_norm
+            layers.append(norm)
         elif not flat and _is_flatten(node, modules):
             flat = True
         elif flat and node.op == "call_module" and isinstance(modules[node.target], nn.Linear):
             layers.append(modules[node.target])
+        elif flat and (norm := _layer_norm(node, head)) is not None:
+            layers.append(norm)
         elif flat and (activation := _activation(node, modules)) is not None:
             layers.append(activation)
         elif (dropout := _dropout(node, modules)) is not None:
@@ -291,8 +396,8 @@ class PoolMLPGradCAM(_CAMGraph):
 
     The weights are the spatial mean of dScore/dA: the sum over the pooled grid of dScore/dP
     (pooling conserves gradient sums) divided by ``h*w``. dScore/dP is the MLP's backward:
-    ``g = W_last[c]``, then ``g *= f'(z)`` at each activation and ``g = g @ W`` at each linear
-    layer.
+    ``g = W_last[c]``, then ``g *= f'(z)`` at each activation, ``g = g @ W`` at each linear
+    layer and :func:`layer_norm_backward` at each LayerNorm.
 
     Args:
         model: the split model.
@@ -313,22 +418,31 @@ class PoolMLPGradCAM(_CAMGraph):
         pooled = features
         for pool in self.pools:
             pooled = _pool(pool, pooled)
-        value, slopes = pooled.flatten(1), []
-        for layer in self.layers:
-            if not isinstance(layer, nn.Linear):
-                slopes.append(derivative(layer, value))
+        value, saved = pooled.flatten(1), []
+        for layer in self.layers:  # saved before the layer runs: activations may work in place
+            if isinstance(layer, nn.LayerNorm):
+                saved.append(value)
+            elif not isinstance(layer, nn.Linear):
+                saved.append(derivative(layer, value))
             value = layer(value)
         logits = value
         if classes is None:
             classes = _top_classes(logits, self.topk)
-        grads = self._backward(classes, slopes, logits.shape[1])
+        grads = self._backward(classes, saved, logits.shape[1])
         spatial = features.shape[-2] * features.shape[-1]
         weights = grads.float().unflatten(2, (features.shape[1], -1)).sum(-1) / spatial
         cams = torch.einsum("bkc,bchw->bkhw", weights, features.float()).relu()
         return logits, classes, cams
 
-    def _backward(self, classes: Tensor, slopes: list[Tensor], num_classes: int) -> Tensor:
-        """dScore/dP of each class: (B, K, D) for the flattened pooled map."""
+    def _backward(self, classes: Tensor, saved: list[Tensor], num_classes: int) -> Tensor:
+        """dScore/dP of each class: (B, K, D) for the flattened pooled map.
+
+        Args:
+            classes: (B, K) class ids.
+            saved: in layer order, (B, D_i) for each layer that is not linear: its input for a
+                LayerNorm, its derivative f'(z) for an activation (consumed by this call).
+            num_classes: N, the width of the logits.
+        """
         layers = list(self.layers)
         if isinstance(layers[-1], nn.Linear):
             grads = layers.pop().weight[classes]  # the one-hot times the last layer
@@ -338,6 +452,8 @@ class PoolMLPGradCAM(_CAMGraph):
         for layer in reversed(layers):
             if isinstance(layer, nn.Linear):
                 grads = grads @ layer.weight
+            elif isinstance(layer, nn.LayerNorm):
+                grads = layer_norm_backward(layer, saved.pop(), grads)
             else:
-                grads = grads * slopes.pop().unsqueeze(1)
+                grads = grads * saved.pop().unsqueeze(1)
         return grads

@@ -89,11 +89,12 @@ def to_onnx(
     With ``upsample=False`` the maps stay at the feature map's (h, w); with ``normalize=False``
     they are the method's raw maps (the engine's ``cams``, upsampled if asked).
 
-    Heads: global-average-pool -> linear (resnets, densenet, mobilenets, efficientnets, regnets,
-    convnext...) for ``"cam"`` and ``"gradcam"``, one graph (the gradient is closed-form, no
-    backward runs); pool -> flatten -> Linear/ReLU/Dropout MLP heads (VGG) for ``"gradcam"``,
-    with the MLP's backward written into the graph. Anything else raises ``ValueError`` naming
-    the op that is not supported.
+    Heads: global-average-pool -> linear (resnets, densenet, mobilenet v2, efficientnets,
+    regnets...) for ``"cam"`` and ``"gradcam"``, one graph (the gradient is closed-form, no
+    backward runs); pool -> flatten -> MLP heads (VGG, MobileNet v3, ConvNeXt: Linear, ReLU,
+    Hardswish, SiLU, exact GELU, inactive Dropout, LayerNorm, and LayerNorm2d on a 1x1 pooled
+    map) for ``"gradcam"``, with the MLP's backward written into the graph. Anything else raises
+    ``ValueError`` naming the op that is not supported.
 
     Args:
         model: a classifier in eval mode, or a :class:`cam_engine.CAMModel`.
