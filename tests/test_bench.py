@@ -190,14 +190,15 @@ def _row(backend, method, seconds, memory=None, batch=8, model="resnet50", skipp
     return m.to_dict()
 
 
+MIB = 1 << 20
 ROWS = [
-    _row("plain", "-", 1.0, memory=100),
-    _row("engine", "gradcam", 1.1, memory=120),
+    _row("plain", "-", 1.0, memory=100 * MIB),
+    _row("engine", "gradcam", 1.1, memory=120 * MIB),
     _row("engine", "cam", 1.08),
     _row("reference", "gradcam", 5.5),
     _row("pytorch-grad-cam", "gradcam", 4.4),
-    _row("ort-plain", "-", 0.5),
-    _row("ort-cam", "cam", 0.6),
+    _row("ort-plain", "-", 0.5, memory=4096),
+    _row("ort-cam", "cam", 0.6, memory=8 * MIB),
     _row("captum", "gradcam", 0.0, skipped="captum is not installed"),
 ]
 
@@ -210,6 +211,7 @@ def test_ratios_by_hand():
     assert engine["vs_pgc"] == pytest.approx(4.0)
     assert engine["memory_vs_plain"] == pytest.approx(1.2)
     assert rows["ort-cam", "cam"]["overhead"] == pytest.approx(1.2)  # relative to ort-plain
+    assert rows["ort-cam", "cam"]["memory_vs_plain"] is None  # a 4 KiB baseline: no ratio
     assert rows["plain", "-"]["overhead"] is None
 
 

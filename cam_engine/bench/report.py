@@ -106,10 +106,16 @@ def _find(rows: list[dict], row: dict, backend: str, method: str | None) -> dict
     return None
 
 
+#: bytes: under this a baseline's peak gives no meaningful ratio (ONNX Runtime allocates its arena
+#: when the session is created, so one call of the plain ORT model grows by a few KiB)
+MEMORY_FLOOR = 1 << 20
+
+
 def ratios(rows: list[dict]) -> list[dict]:
     """Rows with ``overhead`` (time / its plain baseline's time), ``vs_reference`` and
     ``vs_pgc`` (images/s over the hook reference's / pytorch-grad-cam's, same method) and
-    ``memory_vs_plain`` (peak memory over the plain baseline's) added where both exist."""
+    ``memory_vs_plain`` (peak memory over the plain baseline's) added where both exist and the
+    baseline's is at least :data:`MEMORY_FLOOR`."""
     out = []
     for row in rows:
         row = dict(row)
@@ -123,7 +129,8 @@ def ratios(rows: list[dict]) -> list[dict]:
         row["vs_reference"] = ips / ref["images_per_s"] if ips and ref else None
         row["vs_pgc"] = ips / pgc["images_per_s"] if ips and pgc else None
         mem, base_mem = row["peak_memory_bytes"], base and base["peak_memory_bytes"]
-        row["memory_vs_plain"] = mem / base_mem if mem is not None and base_mem else None
+        meaningful = mem is not None and base_mem is not None and base_mem >= MEMORY_FLOOR
+        row["memory_vs_plain"] = mem / base_mem if meaningful else None
         out.append(row)
     return out
 
