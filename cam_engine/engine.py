@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from . import methods, postprocess
-from .layers import Reshape, check_reshape, to_nchw
+from .layers import Reshape, check_reshape, gradients_to_nchw, to_nchw
 from .model import CAMModel, OutputSelector, select_output
 from .targets import Resolved, Target, Targets, resolve
 
@@ -309,7 +309,7 @@ class CAMEngine:
             size = tuple(x.shape[2:])
             activations = to_nchw(features.detach(), self.reshape, size)
             if grads is not None:
-                grads = to_nchw(grads.flatten(0, 1), self.reshape, size).unflatten(0, classes.shape)
+                grads = gradients_to_nchw(grads, self.reshape, size)
         guided = None
         if method.needs_context:
             ctx = methods.Context(

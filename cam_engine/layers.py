@@ -161,3 +161,9 @@ def to_nchw(features: Tensor, reshape: Reshape, image_size: tuple[int, int]) -> 
         and not _aspect_matches(tuple(features.shape[2:4]), image_size)
     )
     return features.permute(0, 3, 1, 2) if channels_last else features
+
+
+def gradients_to_nchw(grads: Tensor, reshape: Reshape, image_size: tuple[int, int]) -> Tensor:
+    """:func:`to_nchw` of per-target gradients: (B, K, *F) in the layer's layout to
+    (B, K, C, *s)."""
+    return to_nchw(grads.flatten(0, 1), reshape, image_size).unflatten(0, grads.shape[:2])

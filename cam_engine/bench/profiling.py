@@ -22,7 +22,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from .. import postprocess
 from ..engine import CAMEngine, score_gradients
-from ..layers import to_nchw
+from ..layers import gradients_to_nchw, to_nchw
 from ..reference import HookGradCAM
 from ..targets import resolve_classes
 
@@ -117,8 +117,8 @@ def engine_pipeline(engine: CAMEngine, x: Tensor, colormap: str = "jet") -> tupl
         with torch.no_grad():
             with _stage("method", device):
                 activations = to_nchw(features.detach(), engine.reshape, size)
-                grads = to_nchw(grads.flatten(0, 1), engine.reshape, size)
-                cams = engine.method.fn(activations, grads.unflatten(0, classes.shape))
+                grads = gradients_to_nchw(grads, engine.reshape, size)
+                cams = engine.method.fn(activations, grads)
             with _stage("upsample + normalise", device):
                 heatmaps = postprocess.heatmaps(cams, size)
             with _stage("colour map", device):

@@ -10,16 +10,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..layers import to_nchw
+from ..layers import gradients_to_nchw
 from ._registry import Context, get, register, register_weights, spatial_mean
 
 FINER_COMPARISONS = (1, 2, 3)  # pytorch-grad-cam's DEFAULT_COMPARISON_CATEGORIES
-
-
-def _nchw(ctx: Context, grads: Tensor) -> Tensor:
-    """(B, K, *F) gradients in the target layer's layout -> (B, K, C, *s)."""
-    flat = to_nchw(grads.flatten(0, 1), ctx.reshape, tuple(ctx.x.shape[2:]))
-    return flat.unflatten(0, grads.shape[:2])
 
 
 @register_weights("shapleycam", uses_gradients=False, needs_context=True, needs_head_graph=True)
@@ -51,7 +45,9 @@ def shapleycam(ctx: Context) -> Tensor:
                     materialize_grads=True,
                 )
             terms.append((g - 0.5 * hvp).detach())
-    return spatial_mean(_nchw(ctx, torch.stack(terms, 1)))
+    return spatial_mean(
+        gradients_to_nchw(torch.stack(terms, 1), ctx.reshape, tuple(ctx.x.shape[2:]))
+    )
 
 
 def finer_scores(logits: Tensor, classes: Tensor, alpha: float, comparisons) -> Tensor:
@@ -96,7 +92,7 @@ def _finer_inputs(ctx: Context) -> tuple[Tensor, Tensor]:
             ctx.options.get("comparisons", FINER_COMPARISONS),
         )
         grads = target_gradients(scores, features)
-    return ctx.activations, _nchw(ctx, grads)
+    return ctx.activations, gradients_to_nchw(grads, ctx.reshape, tuple(ctx.x.shape[2:]))
 
 
 def _finer_base(ctx: Context):

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..layers import to_nchw
+from ..layers import gradients_to_nchw, to_nchw
 from ..model import select_output
 from ._registry import Context, register, register_weights, spatial_sum, weighted_sum
 from .perturbation import _chunks
@@ -60,7 +60,7 @@ def smoothgradcam_plus_plus(ctx: Context) -> Tensor:
             with torch.enable_grad():
                 grads = target_gradients(ctx.scores(output, rows), features)
         with torch.no_grad():
-            grads = to_nchw(grads.flatten(0, 1), ctx.reshape, size).unflatten(0, grads.shape[:2])
+            grads = gradients_to_nchw(grads, ctx.reshape, size)
             g2, g3 = g2 + grads.pow(2), g3 + grads.pow(3)
     with torch.no_grad():
         g2, g3 = g2 / samples, g3 / samples
