@@ -60,6 +60,7 @@ from ..targets import BottomK, TopK
 HELP = "explain image files and folders: overlays, contact sheets, predictions.csv, heatmaps.npz"
 
 SAVE_CHOICES = ("png", "sheet", "npz")
+PREDICTION_COLUMNS = ["image", "class_id", "class_name", "score"]
 #: longest side of a contact-sheet tile; overlays themselves are always at full size
 SHEET_TILE = 512
 
@@ -200,7 +201,7 @@ class _Writer:
         self.csv = csv.writer(
             stack.enter_context(open(self.out / "predictions.csv", "w", newline=""))
         )
-        self.csv.writerow(["image", "class_id", "class_name", "score"])
+        self.csv.writerow(PREDICTION_COLUMNS)
         self.npz = None
         if "npz" in self.save:
             self.npz = stack.enter_context(NpzWriter(self.out / "heatmaps.npz"))
@@ -220,8 +221,8 @@ class _Writer:
         """
         classes, scores = classes.tolist(), scores.tolist()
         for row, index in enumerate(batch.indices):
-            for c, p in zip(classes[row], scores[row], strict=True):
-                self.csv.writerow([self.keys[index], c, self.loaded.class_name(c), f"{p:.6g}"])
+            names = [self.loaded.class_name(c) for c in classes[row]]
+            self.csv.writerows(prediction_rows(self.keys[index], classes[row], names, scores[row]))
         if not self.save:
             return
         colormap = self.colormap if self.save & {"png", "sheet"} else None
@@ -443,6 +444,13 @@ def _report(
         for i, reason in skipped:
             print(f"  {paths[i]}: {reason}", file=sys.stderr)
     return 0 if done else 1
+
+
+def prediction_rows(
+    key: str, classes: list[int], names: list[str], scores: list[float]
+) -> list[list]:
+    """``predictions.csv`` rows of one image (see :data:`PREDICTION_COLUMNS`), one per class."""
+    return [[key, c, name, f"{p:.6g}"] for c, name, p in zip(classes, names, scores, strict=True)]
 
 
 def write_skipped(file: TextIO, rows: list[tuple[str, str]]) -> None:

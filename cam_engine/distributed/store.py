@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 from torch import Tensor
 
-from ..commands.explain import write_skipped
+from ..commands.explain import PREDICTION_COLUMNS, prediction_rows, write_skipped
 from ..io import save_png
 
 __all__ = ["Explained", "Store", "read_heatmaps"]
@@ -151,16 +151,13 @@ class Store:
         missing = [key for key in keys if key not in explained and key not in failed]
         if missing:
             raise RuntimeError(f"{len(missing)} images have no output, e.g. {missing[:3]}")
-        rows = [["image", "class_id", "class_name", "score"]]
+        rows = [PREDICTION_COLUMNS]
         for key in keys:
             if key in explained:
                 record = explained[key]
-                rows += [
-                    [key, c, name, f"{p:.6g}"]
-                    for c, name, p in zip(
-                        record["class_id"], record["class_name"], record["score"], strict=True
-                    )
-                ]
+                rows += prediction_rows(
+                    key, record["class_id"], record["class_name"], record["score"]
+                )
         self._write_text(self.out / "predictions.csv", lambda f: csv.writer(f).writerows(rows))
         skipped = [(key, failed[key]["reason"]) for key in keys if key not in explained]
         self._write_text(self.out / "skipped.csv", lambda file: write_skipped(file, skipped))
