@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from . import methods, postprocess
 from .layers import Reshape, check_reshape, gradients_to_nchw, to_nchw
-from .model import CAMModel, OutputSelector, select_output
+from .model import CAMModel, CompileOptions, OutputSelector, select_output
 from .targets import Resolved, Target, Targets, resolve
 
 __all__ = ["CAMEngine", "CAMResult", "check_images", "score_gradients", "target_gradients"]
@@ -132,6 +132,9 @@ class CAMEngine:
             or ``"max"``; the fused map is normalised again.
         batch_size: images (Score-CAM) or ablated maps (Ablation-CAM) per extra forward.
         method_options: method-specific keyword options (see each method's docstring).
+        compile: run the trunk (up to the target layer, no autograd) through ``torch.compile``:
+            ``True`` or a dict of its keyword arguments (see :class:`~cam_engine.CAMModel`).
+            A :class:`~cam_engine.CAMModel` passed in brings its own (``wrap(..., compile=)``).
 
     Example::
 
@@ -155,6 +158,7 @@ class CAMEngine:
         fusion: str = "mean",
         batch_size: int = 32,
         method_options: dict[str, Any] | None = None,
+        compile: CompileOptions = False,
     ) -> None:
         layers = list(target_layer) if isinstance(target_layer, list | tuple) else [target_layer]
         if not layers:
@@ -164,10 +168,13 @@ class CAMEngine:
                 raise ValueError(
                     f"the wrapped model is split at {model.target_layer!r}, not {target_layer!r}"
                 )
+            if compile is not False:
+                raise ValueError("pass compile= to wrap(), which built this CAMModel")
             self.models = [model]
         else:
             self.models = [
-                CAMModel(model, layer, output=output, input_size=input_size) for layer in layers
+                CAMModel(model, layer, output=output, input_size=input_size, compile=compile)
+                for layer in layers
             ]
         self.model = self.models[0]
         self.method = methods.get(method)
@@ -358,7 +365,7 @@ def _head_runner(cam_model: CAMModel, x: Tensor) -> Callable[[Tensor, Tensor], A
     def head(maps: Tensor, rows: Tensor) -> Any:
         with torch.no_grad():
             if built.split.extras and not extras:
-                extras.extend(built.split.trunk(x)[1:])
+                extras.extend(built.run_trunk(x)[1:])
             picked = [
                 e[rows] if isinstance(e, Tensor) and e.ndim and e.shape[0] == x.shape[0] else e
                 for e in extras

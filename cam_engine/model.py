@@ -20,6 +20,8 @@ from .layers import default_target
 __all__ = ["CAMModel", "wrap", "select_output"]
 
 OutputSelector = int | str | Callable[[Any], Tensor] | None
+#: ``CAMModel(compile=...)``: ``False``, ``True`` (torch.compile defaults) or its keyword options
+CompileOptions = bool | dict[str, Any]
 
 
 def select_output(output: Any, selector: OutputSelector = None) -> Tensor:
@@ -95,6 +97,13 @@ class _Built:
     head_inplace: bool = False
     notes: list[str] = field(default_factory=list)
     input_shape: tuple[int, ...] | None = None  # export graphs are exact at one (C, H, W)
+    inference_trunk: Callable[[Tensor], tuple] | None = None  # the trunk run without autograd
+
+    def run_trunk(self, x: Tensor) -> tuple:
+        """``(features, *extras)`` of the split's trunk; compiled when grad is disabled."""
+        if self.inference_trunk is not None and not torch.is_grad_enabled():
+            return self.inference_trunk(x)
+        return self.split.trunk(x)
 
 
 class CAMModel(nn.Module):
@@ -113,6 +122,12 @@ class CAMModel(nn.Module):
         output: where the logits are in the model's output (see :func:`select_output`).
         input_size: (H, W) of the example input used to choose the default layer and for
             ``torch.export``.
+        compile: run the trunk through ``torch.compile`` whenever it runs without autograd (in
+            :meth:`explain_forward`, and in :meth:`forward` under ``torch.no_grad()``): ``True``
+            for its defaults, or a dict of its keyword arguments (``{"mode":
+            "reduce-overhead"}`` for CUDA graphs, ``{"options": {"freezing": True}}`` to fold
+            the weights in as constants, after which in-place weight updates are not seen). The
+            head, which needs autograd, stays eager. Compiling happens on the first call.
     """
 
     def __init__(
@@ -122,13 +137,20 @@ class CAMModel(nn.Module):
         *,
         output: OutputSelector = None,
         input_size: tuple[int, int] = (224, 224),
+        compile: CompileOptions = False,
     ) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
             raise ValueError(f"expected an nn.Module, got {type(model).__name__}")
+        if not isinstance(compile, bool | dict):
+            raise ValueError(
+                f"compile must be a bool or a dict of torch.compile options, got {compile!r}"
+            )
         self.model = model
         self.output = output
         self.input_size = tuple(input_size)
+        #: keyword arguments of ``torch.compile`` for the trunk; ``None``: not compiled
+        self.compile_options = (compile if isinstance(compile, dict) else {}) if compile else None
         self._requested = target_layer
         self._built: dict[tuple, _Built] = {}
         built = self.current()
@@ -182,6 +204,7 @@ class CAMModel(nn.Module):
         if graph is not None:
             node = self._target_node(graph, example)
             parts = split(graph, node)
+            options = self.compile_options
             return _Built(
                 kind=graph.kind,
                 target_layer=graph.name_of(node),
@@ -190,6 +213,7 @@ class CAMModel(nn.Module):
                 head_inplace=_has_inplace(parts.head),
                 notes=notes,
                 input_shape=tuple(example.shape[1:]) if graph.kind == "export" else None,
+                inference_trunk=None if options is None else torch.compile(parts.trunk, **options),
             )
         if self._requested is None:
             raise ValueError(
@@ -202,6 +226,8 @@ class CAMModel(nn.Module):
             f"of {self._requested!r} (no backward hooks, gradients still by autograd.grad)",
             stacklevel=3,
         )
+        if self.compile_options is not None:
+            notes = [*notes, "compile= is ignored: the hook capture runs eagerly"]
         return _Built("hook", self._requested, hook=HookCapture(self.model, module), notes=notes)
 
     def _target_node(self, graph: Graph, example: Tensor) -> fx.Node:
@@ -223,7 +249,7 @@ class CAMModel(nn.Module):
         if built.hook is not None:
             features, output = built.hook.run(x, grad_head=False)
             return select_output(output, self.output), features
-        features, *extras = built.split.trunk(x)
+        features, *extras = built.run_trunk(x)
         head_input = features.clone() if built.head_inplace else features
         return select_output(built.split.head(head_input, *extras), self.output), features
 
@@ -244,7 +270,7 @@ class CAMModel(nn.Module):
             features, output = built.hook.run(x, grad_head=True)
             return features, select_output(output, self.output), None
         with torch.no_grad():
-            features, *extras = built.split.trunk(x)
+            features, *extras = built.run_trunk(x)
         gap = built.gap if built.gap is not None and built.gap.applies(features) else None
         needs_grad = gap is None or not closed_form
         if needs_grad:
@@ -271,9 +297,10 @@ def wrap(
     *,
     output: OutputSelector = None,
     input_size: tuple[int, int] = (224, 224),
+    compile: CompileOptions = False,
 ) -> CAMModel:
     """Rebuild ``model`` so that ``forward(x)`` returns ``(logits, features)`` without hooks.
 
     See :class:`CAMModel` for the arguments.
     """
-    return CAMModel(model, target_layer, output=output, input_size=input_size)
+    return CAMModel(model, target_layer, output=output, input_size=input_size, compile=compile)
