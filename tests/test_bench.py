@@ -78,6 +78,16 @@ def test_backend_heatmaps_equal_the_engines(case, backend, method):
     assert_close(got.float(), expected, atol=2e-4, rtol=0)
 
 
+def test_engine_compile_compiles_the_trunk_in_the_chosen_mode(case):
+    task = replace(case, compile_mode="reduce-overhead")  # CUDA graphs: skipped on a CPU
+    ready = bk.get("engine-compile").prepare(task)
+    assert ready.call.model.compile_options == {"mode": "reduce-overhead"}
+    expected = ce.CAMEngine(case.model, case.layer, "gradcam")(case.x).heatmaps
+    assert_close(ready.heatmaps(ready.run(case.x)), expected, atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="compile_mode must be one of default, reduce-overhead"):
+        ModelSpec("resnet18", compile_mode="fast")
+
+
 def test_hooks_live_only_between_attach_and_detach(case):
     ready = bk.get("pytorch-grad-cam").prepare(case)
     module = case.model.get_submodule(case.layer)

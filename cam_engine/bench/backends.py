@@ -57,6 +57,7 @@ class Case:
         tag: a file-name-safe id of the model and input shape, for exported files.
         fc: name of the final linear layer of a global-average-pool head (``None`` if the
             head is not one); found before any backend hooks the model (see :func:`fc_name`).
+        compile_mode: ``torch.compile``'s ``mode`` for ``engine-compile`` (``None``: default).
     """
 
     model: nn.Module
@@ -66,6 +67,7 @@ class Case:
     workdir: Path
     tag: str
     fc: str | None = None
+    compile_mode: str | None = None
 
     @property
     def size(self) -> tuple[int, int]:
@@ -175,7 +177,7 @@ def _plain(case: Case) -> Prepared:
 # cam-engine --------------------------------------------------------------------------------------
 
 
-def _engine(case: Case, compile: bool = False) -> Prepared:
+def _engine(case: Case, compile: bool | dict = False) -> Prepared:
     try:
         engine = CAMEngine(case.model, case.layer, case.method, compile=compile)
     except ValueError as exc:
@@ -184,7 +186,7 @@ def _engine(case: Case, compile: bool = False) -> Prepared:
 
 
 def _engine_compiled(case: Case) -> Prepared:
-    prepared = _engine(case, compile=True)
+    prepared = _engine(case, compile={"mode": case.compile_mode} if case.compile_mode else True)
     try:
         prepared.call(case.x)  # compile now: a failure is a skip, not a crash mid-benchmark
     except Exception as exc:  # inductor raises many kinds (no compiler, unsupported op, ...)

@@ -181,7 +181,8 @@ def make_case(
     if spec.channels_last:
         tag += "-cl"
     x = example_batch(spec, batch)
-    return bk.Case(model, layer, method, x, workdir, tag, bk.fc_name(model, layer))
+    fc = bk.fc_name(model, layer)
+    return bk.Case(model, layer, method, x, workdir, tag, fc, spec.compile_mode)
 
 
 def _tasks(methods: Sequence[str], backends: Iterable[str]) -> list[tuple[str, str]]:

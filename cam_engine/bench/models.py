@@ -15,10 +15,19 @@ import torch
 import torchvision
 from torch import nn
 
-__all__ = ["AUTOCAST", "ModelSpec", "build_model", "calibrate_batchnorm", "example_batch"]
+__all__ = [
+    "AUTOCAST",
+    "COMPILE_MODES",
+    "ModelSpec",
+    "build_model",
+    "calibrate_batchnorm",
+    "example_batch",
+]
 
 #: ``--autocast`` names and their dtypes
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+#: ``--compile-mode`` choices: ``torch.compile``'s modes
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass(frozen=True)
@@ -33,6 +42,8 @@ class ModelSpec:
         channels_last: store weights (and feed inputs) in channels-last memory format.
         autocast: ``"bf16"`` or ``"fp16"``: the PyTorch backends run under ``torch.autocast``
             of that dtype (the model is built and calibrated in float32).
+        compile_mode: ``torch.compile``'s ``mode`` for the ``engine-compile`` backend
+            (``"reduce-overhead"``: CUDA graphs); ``None``: its default.
     """
 
     name: str
@@ -41,11 +52,16 @@ class ModelSpec:
     device: str = "cpu"
     channels_last: bool = False
     autocast: str | None = None
+    compile_mode: str | None = None
 
     def __post_init__(self) -> None:
         if self.autocast is not None and self.autocast not in AUTOCAST:
             raise ValueError(
                 f"autocast must be one of {', '.join(AUTOCAST)}, not {self.autocast!r}"
+            )
+        if self.compile_mode is not None and self.compile_mode not in COMPILE_MODES:
+            raise ValueError(
+                f"compile_mode must be one of {', '.join(COMPILE_MODES)}, not {self.compile_mode!r}"
             )
 
     def to_dict(self) -> dict:

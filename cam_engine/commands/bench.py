@@ -14,7 +14,7 @@ from .. import methods
 from ..bench import backends as bk
 from ..bench import report
 from ..bench.harness import run_all_classes, run_model
-from ..bench.models import AUTOCAST, ModelSpec
+from ..bench.models import AUTOCAST, COMPILE_MODES, ModelSpec
 
 HELP = "benchmark the engine against plain inference and the hook-based libraries"
 
@@ -43,6 +43,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--autocast",
         choices=list(AUTOCAST),
         help="run the PyTorch backends under torch.autocast of this dtype (ONNX Runtime: skipped)",
+    )
+    parser.add_argument(
+        "--compile-mode",
+        choices=list(COMPILE_MODES),
+        help="torch.compile mode of the engine-compile backend (reduce-overhead: CUDA graphs)",
     )
     parser.add_argument("--no-memory", action="store_true", help="skip peak-memory measurement")
     parser.add_argument(
@@ -114,6 +119,8 @@ def _command(cfg: dict, args: argparse.Namespace) -> str:
         parts += ["--layer", args.layer]
     if args.autocast:
         parts += ["--autocast", args.autocast]
+    if args.compile_mode:
+        parts += ["--compile-mode", args.compile_mode]
     return shlex.join(parts)
 
 
@@ -136,6 +143,7 @@ def run(args: argparse.Namespace) -> int:
             device=args.device,
             channels_last=args.channels_last,
             autocast=args.autocast,
+            compile_mode=args.compile_mode,
         )
         print(f"{name}: batch {cfg['batch']}, {cfg['size']}px, {args.device}", file=sys.stderr)
         rows += run_model(
@@ -160,6 +168,7 @@ def run(args: argparse.Namespace) -> int:
         "device": args.device,
         "channels_last": args.channels_last,
         "autocast": args.autocast,
+        "compile_mode": args.compile_mode,
         "command": command,
     }
     doc = report.results(rows, everything, report.environment(args.device), config)
