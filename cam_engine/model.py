@@ -22,6 +22,8 @@ __all__ = ["CAMModel", "wrap", "select_output"]
 OutputSelector = int | str | Callable[[Any], Tensor] | None
 #: ``CAMModel(compile=...)``: ``False``, ``True`` (torch.compile defaults) or its keyword options
 CompileOptions = bool | dict[str, Any]
+#: ``torch.compile`` modes that replay CUDA graphs
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 
 
 def select_output(output: Any, selector: OutputSelector = None) -> Tensor:
@@ -213,7 +215,7 @@ class CAMModel(nn.Module):
                 head_inplace=_has_inplace(parts.head),
                 notes=notes,
                 input_shape=tuple(example.shape[1:]) if graph.kind == "export" else None,
-                inference_trunk=None if options is None else torch.compile(parts.trunk, **options),
+                inference_trunk=None if options is None else _compiled(parts.trunk, options),
             )
         if self._requested is None:
             raise ValueError(
@@ -279,6 +281,22 @@ class CAMModel(nn.Module):
         with torch.set_grad_enabled(needs_grad):
             output = built.split.head(head_input, *extras)
         return features, select_output(output, self.output), gap
+
+
+def _compiled(trunk: fx.GraphModule, options: dict[str, Any]) -> Callable[[Tensor], tuple]:
+    """``torch.compile(trunk, **options)``; under CUDA graphs, with its outputs copied out.
+
+    CUDA graphs write every replay's outputs into the same buffers, so a second trunk run in one
+    explain call (or the next call) would overwrite the features still in use.
+    """
+    compiled = torch.compile(trunk, **options)
+    if options.get("mode") not in CUDA_GRAPH_MODES:
+        return compiled
+
+    def replay(x: Tensor) -> tuple:
+        return tuple(t.clone() if isinstance(t, Tensor) else t for t in compiled(x))
+
+    return replay
 
 
 def _propagate_shapes(gm: fx.GraphModule, example: Tensor) -> None:

@@ -95,6 +95,21 @@ def test_inductor_maps_match_and_follow_weight_updates():
     torch.testing.assert_close(res.cams, expected_cams(net, x, res.classes), rtol=1e-4, atol=1e-5)
 
 
+def test_cuda_graph_modes_hand_out_copies_that_later_calls_leave_alone():
+    net = SmallVGG().eval()
+    first, second = images(3, 16, dtype=torch.float32), images(3, 16, dtype=torch.float32, seed=7)
+    engine = ce.CAMEngine(net, "features", compile={"mode": "reduce-overhead"})
+    wrapped = engine.model
+    with torch.no_grad():
+        _, features = wrapped(first)
+        wrapped(second)
+        torch.testing.assert_close(features, net.features(first))  # not overwritten
+    res = engine(second, targets=ce.TopK(2))
+    torch.testing.assert_close(
+        res.cams, expected_cams(net, second, res.classes), rtol=1e-4, atol=1e-5
+    )
+
+
 def test_bad_compile_options_raise():
     net = SmallVGG().eval()
     with pytest.raises(ValueError, match="compile must be a bool or a dict"):

@@ -336,17 +336,18 @@ def _captum(case: Case) -> Prepared:
 # ONNX Runtime ------------------------------------------------------------------------------------
 
 
-def _providers(device: torch.device) -> list[str]:
-    return ["CUDAExecutionProvider"] if device.type == "cuda" else ["CPUExecutionProvider"]
-
-
-def _float32_only(case: Case) -> None:
+def _onnx_runtime(case: Case) -> Any:
+    """The ``onnxruntime`` module, when it can run ``case`` (float32; CUDA provider on a GPU)."""
     if torch.is_autocast_enabled(case.x.device.type):
         raise Unavailable("ONNX Runtime runs the float32 file: autocast is for PyTorch backends")
+    ort = _import("onnxruntime", "onnxruntime")
+    if case.x.is_cuda and "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise Unavailable("this onnxruntime has no CUDA provider (pip install onnxruntime-gpu)")
+    return ort
 
 
 def _ort_cam(case: Case) -> Prepared:
-    _float32_only(case)
+    _onnx_runtime(case)
     export = _import("cam_engine.export", "cam_engine.export (the ONNX export issue)")
     path = case.workdir / f"{case.tag}-{case.method}-cam.onnx"
     if not path.exists():
@@ -361,23 +362,37 @@ def _ort_cam(case: Case) -> Prepared:
             )
         except (ValueError, NotImplementedError) as exc:
             raise Unavailable(f"export failed: {exc}") from exc
-    session = export.OrtCAM(path)
+    session = export.OrtCAM(path, device=case.x.device)
     return Prepared(session, lambda res: res.heatmaps)
 
 
 def _ort_plain(case: Case) -> Prepared:
-    _float32_only(case)
-    ort = _import("onnxruntime", "onnxruntime")
+    """The plain ONNX model; on CUDA its input and logits stay in GPU memory, as ``ort-cam``'s."""
+    ort = _onnx_runtime(case)
     path = case.workdir / f"{case.tag}-plain.onnx"
     if not path.exists():
         with torch.no_grad():
             torch.onnx.export(case.model, (case.x,), path, dynamo=True, external_data=False)
-    session = ort.InferenceSession(str(path), providers=_providers(case.x.device))
-    name = session.get_inputs()[0].name
+    if not case.x.is_cuda:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        name = session.get_inputs()[0].name
+        return Prepared(
+            lambda x: torch.from_numpy(session.run(None, {name: x.detach().numpy()})[0])
+        )
+    from ..export.runtime import run_bound
+
+    index = case.x.device.index or 0
+    session = ort.InferenceSession(
+        str(path), providers=[("CUDAExecutionProvider", {"device_id": index})]
+    )
+    (source,), (target,) = session.get_inputs(), session.get_outputs()
+    with torch.no_grad():
+        num_classes = case.model(case.x[:1]).shape[-1]
 
     def call(x: Tensor) -> Tensor:
-        (logits,) = session.run(None, {name: x.detach().cpu().numpy()})
-        return torch.from_numpy(logits)
+        x = x.detach().float().contiguous()
+        logits = torch.empty(x.shape[0], num_classes, device=x.device)
+        return run_bound(session, {source.name: x}, {target.name: logits})[target.name]
 
     return Prepared(call)
 

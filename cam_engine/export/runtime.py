@@ -16,7 +16,7 @@ from ..engine import CAMResult, check_images
 from ..targets import Targets, TopK, resolve_classes
 from .writer import METADATA_KEY
 
-__all__ = ["OrtCAM", "OrtResult", "default_providers"]
+__all__ = ["OrtCAM", "OrtResult", "default_providers", "run_bound"]
 
 _NUMPY = {torch.float32: np.float32, torch.int64: np.int64, torch.uint8: np.uint8}
 _OUTPUT_DTYPES = {
@@ -67,6 +67,48 @@ def default_providers(device: torch.device | None = None) -> list:
         if "CUDAExecutionProvider" in available:
             chosen.append(("CUDAExecutionProvider", {"device_id": index}))
     return [*chosen, "CPUExecutionProvider"]
+
+
+def run_bound(
+    session, inputs: dict[str, Tensor], outputs: dict[str, Tensor | None]
+) -> dict[str, Tensor]:
+    """Run an ONNX Runtime ``session`` on CUDA tensors in place (I/O binding).
+
+    Args:
+        session: an ``onnxruntime.InferenceSession`` with the CUDA provider.
+        inputs: input name -> contiguous CUDA tensor, read where it lies.
+        outputs: output name -> a contiguous CUDA tensor of the output's shape and dtype to be
+            written, or ``None`` for an output whose shape is known only after the run (ORT
+            allocates it; it is copied back through the host).
+
+    Returns:
+        ``outputs`` with every value a CUDA tensor on the inputs' device.
+    """
+    device = next(iter(inputs.values())).device
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    binding = session.io_binding()
+    for name, tensor in inputs.items():
+        binding.bind_input(
+            name, "cuda", index, _NUMPY[tensor.dtype], tuple(tensor.shape), tensor.data_ptr()
+        )
+    for name, out in outputs.items():
+        if out is None:
+            binding.bind_output(name, "cuda", index)
+        else:
+            binding.bind_output(
+                name, "cuda", index, _NUMPY[out.dtype], tuple(out.shape), out.data_ptr()
+            )
+    # ORT runs on its own CUDA stream: the inputs must be written before it starts.
+    torch.cuda.current_stream(device).synchronize()
+    session.run_with_iobinding(binding)
+    binding.synchronize_outputs()
+    result = dict(outputs)
+    if any(out is None for out in outputs.values()):
+        host = dict(zip(outputs, binding.copy_outputs_to_cpu(), strict=True))
+        for name, out in outputs.items():
+            if out is None:
+                result[name] = torch.from_numpy(host[name]).to(device)
+    return result
 
 
 class OrtCAM:
@@ -157,35 +199,17 @@ class OrtCAM:
         return out
 
     def _run_bound(self, x: Tensor, classes: Tensor | None) -> dict[str, Tensor]:
-        index = x.device.index if x.device.index is not None else torch.cuda.current_device()
-        binding = self.session.io_binding()
         inputs = {"x": x} if classes is None else {"x": x, "classes": classes}
-        for name, tensor in inputs.items():
-            binding.bind_input(
-                name, "cuda", index, _NUMPY[tensor.dtype], tuple(tensor.shape), tensor.data_ptr()
-            )
         k = classes.shape[1] if classes is not None else self.topk
         shapes = self._output_shapes(x, k)
-        outputs = {}
-        for name in self.output_names:
-            if shapes.get(name) is None:
-                binding.bind_output(name, "cuda", index)  # size known only after the run
-                continue
-            out = torch.empty(shapes[name], dtype=_OUTPUT_DTYPES[name], device=x.device)
-            binding.bind_output(
-                name, "cuda", index, _NUMPY[out.dtype], tuple(out.shape), out.data_ptr()
-            )
-            outputs[name] = out
-        # ORT runs on its own CUDA stream: the input must be written before it starts.
-        torch.cuda.current_stream(x.device).synchronize()
-        self.session.run_with_iobinding(binding)
-        binding.synchronize_outputs()
-        if len(outputs) < len(self.output_names):
-            host = dict(zip(self.output_names, binding.copy_outputs_to_cpu(), strict=True))
-            for name in self.output_names:
-                outputs.setdefault(name, torch.from_numpy(host[name]).to(x.device))
-        out = {name: outputs[name].to(self.device) for name in self.output_names}
-        return self._with_classes(out, classes)
+        outputs = {
+            name: None
+            if shapes.get(name) is None  # size known only after the run
+            else torch.empty(shapes[name], dtype=_OUTPUT_DTYPES[name], device=x.device)
+            for name in self.output_names
+        }
+        out = run_bound(self.session, inputs, outputs)
+        return self._with_classes({n: t.to(self.device) for n, t in out.items()}, classes)
 
     def _output_shapes(self, x: Tensor, k: int) -> dict[str, tuple[int, ...] | None]:
         batch, _, height, width = x.shape
