@@ -9,8 +9,10 @@
 #
 # DEST (default out/gpu) receives tests.log, BENCHMARKS-<run>.md for each run and results.tgz
 # (each run's results.json and bench.png): 6 files. The work itself goes to out/gpu-work.
-# Wheels in .wheels/ are installed first (the peer libraries: grad-cam, ttach, torchcam, captum;
-# onnxruntime-gpu for the ONNX Runtime rows on CUDA); without them those rows are skipped.
+# Wheels in .wheels/ are installed first: the peer libraries, made with
+#   pip wheel --no-deps -w .wheels grad-cam ttach torchcam captum     (0.6 MB; carry .wheels)
+# and onnxruntime-gpu for the ONNX Runtime rows on CUDA (its 255 MB wheel is over what the device
+# tool carries, so there those rows are skipped: "this onnxruntime has no CUDA provider").
 # MODELS, BATCH, SIZE, REPEATS and DEVICE override the defaults (a smoke run on a CPU:
 # DEVICE=cpu MODELS=resnet18 BATCH=2 SIZE=64 REPEATS=2).
 set -uo pipefail
