@@ -407,10 +407,11 @@ def run(args: argparse.Namespace) -> int:
     paths = find_images(args.images)
     keys = image_keys(paths)
     loaded, engine = load(args, device)
+    split = f"{engine.split_kind} split" + (", trunk compiled" if args.compile else "")
+    height, width = loaded.input_size
     print(
         f"explaining {len(paths)} images with {loaded.source} at {engine.target_layer!r} "
-        f"({args.method}, {engine.split_kind} split, input {loaded.input_size[0]}x"
-        f"{loaded.input_size[1]}) on {device} -> {args.out}",
+        f"({args.method}, {split}, input {height}x{width}) on {device} -> {args.out}",
         file=sys.stderr,
     )
     loader = DataLoader(
