@@ -70,6 +70,16 @@ def test_the_compiled_trunk_runs_and_gives_the_manual_maps():
     assert backend.calls == 2  # the compiled graph is reused, not re-captured eagerly
 
 
+def test_perturbation_forwards_run_the_compiled_trunk():
+    net, x = SmallVGG().eval(), images(2, 16, dtype=torch.float32)
+    backend = CountingBackend()
+    compiled = ce.CAMEngine(net, "features", "scorecam", batch_size=8, compile={"backend": backend})
+    res = compiled(x)
+    assert backend.calls == 1 + 2 * 16 // 8  # the engine's forward, then 16 masks per image
+    expected = ce.CAMEngine(net, "features", "scorecam", batch_size=8)(x)  # test_methods: = pgc
+    torch.testing.assert_close(res.cams, expected.cams, rtol=1e-5, atol=1e-7)
+
+
 def test_forward_with_autograd_runs_the_eager_trunk():
     net, x = SmallVGG().eval(), images(2, 16, dtype=torch.float32).requires_grad_(True)
     backend = CountingBackend()

@@ -86,6 +86,15 @@ class Context:
     reshape: Any = None
     head_graph: tuple[Tensor, Any] | None = None
 
+    def predict(self, inputs: Tensor) -> Tensor:
+        """The model's output for other inputs (n, C, H, W), without autograd.
+
+        It runs through the split (trunk, then head), so a trunk compiled with
+        ``CAMEngine(compile=...)`` serves perturbation methods' forwards too.
+        """
+        with torch.no_grad():
+            return self.cam_model(inputs)[0]
+
 
 @dataclass(frozen=True)
 class Method:

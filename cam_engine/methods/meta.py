@@ -18,7 +18,7 @@ from torch import Tensor
 from torchvision.transforms.functional import gaussian_blur, resize
 
 from .. import postprocess
-from ..model import CAMModel, select_output
+from ..model import CAMModel
 from ..targets import Resolved
 from ._registry import Context, get, register
 
@@ -206,7 +206,7 @@ def _patch_scores(ctx: Context, opts: dict[str, Any]) -> Tensor:
             kept = torch.ones(len(corners), images.shape[0], dtype=torch.bool, device=ctx.x.device)
             for window, rows in _chunked(images, kept, ctx.batch_size):
                 patches = _crop(images, rows, corners[window], opts["window_size"])
-                out = select_output(ctx.model(patches), ctx.cam_model.output)
+                out = ctx.predict(patches)
                 out = out.softmax(-1) if opts["use_softmax_scores"] else out
                 scores.append(ctx.scores(out, rows).clamp_min(0))
     return torch.cat(scores).unflatten(0, (-1, ctx.x.shape[0]))

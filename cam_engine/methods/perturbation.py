@@ -6,7 +6,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..model import select_output
 from ._registry import Context, register_weights
 
 ABLATION_OFFSET = 1e7  # pytorch-grad-cam's AblationLayer: min(A) - 1e7 when min(A) != 0
@@ -43,7 +42,7 @@ def scorecam(ctx: Context) -> Tensor:
             lo = masks.flatten(1).amin(1).view(-1, *[1] * (masks.ndim - 1))
             hi = masks.flatten(1).amax(1).view_as(lo)
             masks = (masks - lo) / (hi - lo + 1e-8)
-            out = select_output(ctx.model(x[rows] * masks), ctx.cam_model.output)
+            out = ctx.predict(x[rows] * masks)
             scores.append(ctx.scores(out, rows))
     return torch.cat(scores).view(batch, channels, -1).softmax(dim=1).transpose(1, 2)
 

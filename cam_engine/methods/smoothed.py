@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..layers import gradients_to_nchw, to_nchw
-from ..model import select_output
 from ._registry import Context, register, register_weights, spatial_sum, weighted_sum
 from .perturbation import _chunks
 
@@ -101,7 +100,7 @@ def _mask_weights(
             for idx in _chunks(batch * channels, ctx.batch_size, x.device):
                 rows, chans = idx // channels, idx % channels
                 masks = F.interpolate(low[rows, chans][:, None], x.shape[2:], mode=mode)
-                out = select_output(ctx.model(masked(n, x[rows], masks)), ctx.cam_model.output)
+                out = ctx.predict(masked(n, x[rows], masks))
                 scores.append(ctx.scores(out, rows) - baseline[rows])
             total = total + torch.cat(scores)
     return (total / passes).view(batch, channels, -1).softmax(dim=1).transpose(1, 2)
