@@ -152,7 +152,7 @@ class CAMModel(nn.Module):
         self.output = output
         self.input_size = tuple(input_size)
         #: keyword arguments of ``torch.compile`` for the trunk; ``None``: not compiled
-        self.compile_options = (compile if isinstance(compile, dict) else {}) if compile else None
+        self.compile_options = None if compile is False else {} if compile is True else compile
         self._requested = target_layer
         self._built: dict[tuple, _Built] = {}
         built = self.current()

@@ -80,6 +80,19 @@ def test_perturbation_forwards_run_the_compiled_trunk():
     torch.testing.assert_close(res.cams, expected.cams, rtol=1e-5, atol=1e-7)
 
 
+def test_refinecam_compiles_its_extra_layers_too():
+    net, x = SmallVGG().eval(), images(2, 16, dtype=torch.float32)
+    backend = CountingBackend()
+    options = {"layers": ["features.1"]}
+    compiled = ce.CAMEngine(
+        net, "features", "refinecam", method_options=options, compile={"backend": backend}
+    )
+    res = compiled(x)
+    assert backend.calls == 3  # the engine's forward, then the base method at each layer
+    expected = ce.CAMEngine(net, "features", "refinecam", method_options=options)(x)
+    torch.testing.assert_close(res.cams, expected.cams, rtol=1e-5, atol=1e-7)
+
+
 def test_forward_with_autograd_runs_the_eager_trunk():
     net, x = SmallVGG().eval(), images(2, 16, dtype=torch.float32).requires_grad_(True)
     backend = CountingBackend()
@@ -118,6 +131,11 @@ def test_cuda_graph_modes_hand_out_copies_that_later_calls_leave_alone():
     torch.testing.assert_close(
         res.cams, expected_cams(net, second, res.classes), rtol=1e-4, atol=1e-5
     )
+
+
+def test_an_empty_options_dict_compiles_with_the_defaults():
+    assert ce.wrap(SmallVGG().eval(), "features", compile={}).compile_options == {}
+    assert ce.wrap(SmallVGG().eval(), "features").compile_options is None
 
 
 def test_bad_compile_options_raise():

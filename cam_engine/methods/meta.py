@@ -55,8 +55,13 @@ def _layer_model(ctx: Context, layer: str) -> CAMModel:
     """The model split at ``layer``, built once per engine split."""
     models = _MODELS.setdefault(ctx.cam_model, {})
     if layer not in models:
+        outer = ctx.cam_model
         models[layer] = CAMModel(
-            ctx.model, layer, output=ctx.cam_model.output, input_size=ctx.cam_model.input_size
+            ctx.model,
+            layer,
+            output=outer.output,
+            input_size=outer.input_size,
+            compile=False if outer.compile_options is None else outer.compile_options,
         )
     return models[layer]
 
