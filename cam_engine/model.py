@@ -127,9 +127,8 @@ class CAMModel(nn.Module):
         compile: run the trunk through ``torch.compile`` whenever it runs without autograd (in
             :meth:`explain_forward`, and in :meth:`forward` under ``torch.no_grad()``): ``True``
             for its defaults, or a dict of its keyword arguments (``{"mode":
-            "reduce-overhead"}`` for CUDA graphs, ``{"options": {"freezing": True}}`` to fold
-            the weights in as constants, after which in-place weight updates are not seen). The
-            head, which needs autograd, stays eager. Compiling happens on the first call.
+            "reduce-overhead"}`` for CUDA graphs, whose outputs are then copied out). The head,
+            which needs autograd, stays eager. Compiling happens on the first call.
     """
 
     def __init__(
