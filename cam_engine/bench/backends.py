@@ -368,24 +368,19 @@ def _ort_cam(case: Case) -> Prepared:
 
 def _ort_plain(case: Case) -> Prepared:
     """The plain ONNX model; on CUDA its input and logits stay in GPU memory, as ``ort-cam``'s."""
+    from ..export.runtime import default_providers, run_bound
+
     ort = _onnx_runtime(case)
     path = case.workdir / f"{case.tag}-plain.onnx"
     if not path.exists():
         with torch.no_grad():
             torch.onnx.export(case.model, (case.x,), path, dynamo=True, external_data=False)
-    if not case.x.is_cuda:
-        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-        name = session.get_inputs()[0].name
-        return Prepared(
-            lambda x: torch.from_numpy(session.run(None, {name: x.detach().numpy()})[0])
-        )
-    from ..export.runtime import run_bound
-
-    index = case.x.device.index or 0
-    session = ort.InferenceSession(
-        str(path), providers=[("CUDAExecutionProvider", {"device_id": index})]
-    )
+    session = ort.InferenceSession(str(path), providers=default_providers(case.x.device))
     (source,), (target,) = session.get_inputs(), session.get_outputs()
+    if not case.x.is_cuda:
+        return Prepared(
+            lambda x: torch.from_numpy(session.run(None, {source.name: x.detach().numpy()})[0])
+        )
     with torch.no_grad():
         num_classes = case.model(case.x[:1]).shape[-1]
 

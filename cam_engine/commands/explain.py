@@ -100,7 +100,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--compile",
         action="store_true",
         help="run the model up to the target layer through torch.compile (the first batch "
-        "compiles, which takes seconds to minutes; then about 1.2-1.3x the images/s on a CPU)",
+        "compiles, which takes seconds to minutes; then about 1.2x the images/s on a CPU)",
     )
     parser.add_argument(
         "--input-size",
