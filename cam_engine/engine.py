@@ -135,6 +135,9 @@ class CAMEngine:
         compile: run the trunk (up to the target layer, no autograd) through ``torch.compile``:
             ``True`` or a dict of its keyword arguments (see :class:`~cam_engine.CAMModel`).
             A :class:`~cam_engine.CAMModel` passed in brings its own (``wrap(..., compile=)``).
+        channels_last: run the trunk on channels-last images: ``None`` on the CPU only (where it
+            measured faster), ``True`` everywhere, ``False`` never (see
+            :class:`~cam_engine.CAMModel`); a CAMModel passed in brings its own.
 
     Example::
 
@@ -159,6 +162,7 @@ class CAMEngine:
         batch_size: int = 32,
         method_options: dict[str, Any] | None = None,
         compile: CompileOptions = False,
+        channels_last: bool | None = None,
     ) -> None:
         layers = list(target_layer) if isinstance(target_layer, list | tuple) else [target_layer]
         if not layers:
@@ -168,12 +172,15 @@ class CAMEngine:
                 raise ValueError(
                     f"the wrapped model is split at {model.target_layer!r}, not {target_layer!r}"
                 )
-            if compile is not False:
-                raise ValueError("pass compile= to wrap(), which built this CAMModel")
+            if compile is not False or channels_last is not None:
+                raise ValueError(
+                    "pass compile= and channels_last= to wrap(), which built this CAMModel"
+                )
             self.models = [model]
         else:
+            options = {"compile": compile, "channels_last": channels_last}
             self.models = [
-                CAMModel(model, layer, output=output, input_size=input_size, compile=compile)
+                CAMModel(model, layer, output=output, input_size=input_size, **options)
                 for layer in layers
             ]
         self.model = self.models[0]

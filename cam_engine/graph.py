@@ -160,7 +160,7 @@ def trace(model: nn.Module, example: Tensor | None = None) -> tuple[Graph | None
     try:
         return _trace_fx(model), failures
     except Exception as exc:  # any tracing error means "use the next strategy"
-        failures.append(f"torch.fx: {type(exc).__name__}: {_first_line(exc)}")
+        failures.append(f"torch.fx: {type(exc).__name__}: {first_line(exc)}")
     if example is not None:
         try:
             # a failed export prints its partial graph to stderr; the fallback is expected
@@ -168,11 +168,12 @@ def trace(model: nn.Module, example: Tensor | None = None) -> tuple[Graph | None
                 warnings.simplefilter("ignore")
                 return _trace_export(model, example), failures
         except Exception as exc:
-            failures.append(f"torch.export: {type(exc).__name__}: {_first_line(exc)}")
+            failures.append(f"torch.export: {type(exc).__name__}: {first_line(exc)}")
     return None, failures
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message, at most 200 characters."""
     text = str(exc).strip().splitlines()
     return text[0][:200] if text else ""
 

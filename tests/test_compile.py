@@ -142,7 +142,7 @@ def test_bad_compile_options_raise():
     net = SmallVGG().eval()
     with pytest.raises(ValueError, match="compile must be a bool or a dict"):
         ce.CAMEngine(net, "features", compile="max-autotune")
-    with pytest.raises(ValueError, match=r"pass compile= to wrap\(\)"):
+    with pytest.raises(ValueError, match=r"pass compile= and channels_last= to wrap\(\)"):
         ce.CAMEngine(ce.wrap(net, "features"), compile=True)
 
 

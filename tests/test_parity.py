@@ -292,9 +292,13 @@ def test_wrap_matches_model_and_forward_hook(get_model, arch):
     model, x = get_model(arch), images(2, arch.size)
     logits, features = capture(model, arch.layer, x)
     with torch.no_grad():
-        got_logits, got_features = ce.wrap(model, arch.layer)(x)
+        got_logits, got_features = ce.wrap(model, arch.layer, channels_last=False)(x)
+        fast_logits, fast_features = ce.wrap(model, arch.layer)(x)  # channels-last trunk input
     assert_close(got_logits, logits, atol=1e-12, rtol=1e-12)
     assert_close(got_features, features, atol=1e-12, rtol=1e-12)
+    # other convolution kernels, other float64 rounding
+    assert_close(fast_logits, logits, atol=1e-9, rtol=1e-9)
+    assert_close(fast_features, features, atol=1e-9, rtol=1e-9)
 
 
 # 7. captum LayerGradCam -------------------------------------------------------------------------

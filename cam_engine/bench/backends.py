@@ -177,12 +177,16 @@ def _plain(case: Case) -> Prepared:
 # cam-engine --------------------------------------------------------------------------------------
 
 
-def _engine(case: Case, compile: bool | dict = False) -> Prepared:
+def _engine(case: Case, compile: bool | dict = False, **options: Any) -> Prepared:
     try:
-        engine = CAMEngine(case.model, case.layer, case.method, compile=compile)
+        engine = CAMEngine(case.model, case.layer, case.method, compile=compile, **options)
     except ValueError as exc:
         raise Unavailable(str(exc)) from exc
     return Prepared(engine, lambda res: res.heatmaps)
+
+
+def _engine_nchw(case: Case) -> Prepared:
+    return _engine(case, channels_last=False)
 
 
 def _engine_compiled(case: Case) -> Prepared:
@@ -397,6 +401,11 @@ BACKENDS: dict[str, Backend] = {
     for b in (
         Backend("plain", _plain, baseline=None),
         Backend("engine", _engine),
+        Backend(
+            "engine-nchw",
+            _engine_nchw,
+            note="CAMEngine(channels_last=False): the trunk gets the images as plain does",
+        ),
         Backend("engine-compile", _engine_compiled, note="CAMEngine(compile=True): compiled trunk"),
         Backend(
             "reference",

@@ -211,7 +211,9 @@ def _cam_model(model, target_layer, output, input_size) -> CAMModel:
             raise ValueError(f"the wrapped model is split at {model.target_layer!r}")
         cam_model = model
     else:
-        cam_model = CAMModel(model, target_layer, output=output, input_size=tuple(input_size))
+        cam_model = CAMModel(  # the graphs take the trunk itself: no channels-last choice
+            model, target_layer, output=output, input_size=tuple(input_size), channels_last=False
+        )
     if cam_model.split_kind == "hook":
         raise ValueError(
             "the model could not be traced, so there is no graph to export ("
@@ -226,7 +228,11 @@ def _converted_copy(cam_model: CAMModel, *to_args) -> CAMModel:
     is left as it is)."""
     moved = copy.deepcopy(cam_model.model).to(*to_args)
     return CAMModel(
-        moved, cam_model.target_layer, output=cam_model.output, input_size=cam_model.input_size
+        moved,
+        cam_model.target_layer,
+        output=cam_model.output,
+        input_size=cam_model.input_size,
+        channels_last=False,
     )
 
 

@@ -62,6 +62,7 @@ def _layer_model(ctx: Context, layer: str) -> CAMModel:
             output=outer.output,
             input_size=outer.input_size,
             compile=False if outer.compile_options is None else outer.compile_options,
+            channels_last=outer.channels_last,
         )
     return models[layer]
 
