@@ -1,5 +1,6 @@
-"""The engine on a CUDA device: the same maps as on the CPU, compiled trunks and CUDA graphs
-included, bf16 autocast, and ONNX Runtime's CUDA provider with I/O binding.
+"""The engine on a CUDA device: the same maps as on the CPU (compiled trunks, CUDA graphs and
+channels-last trunk input included), bf16 autocast, and ONNX Runtime's CUDA provider with I/O
+binding.
 
 Skipped without a GPU (the development machines have none); ``scripts/gpu_checks.sh`` runs them.
 """
@@ -32,6 +33,15 @@ def test_cuda_maps_equal_cpu_maps(resnet, method):
     model = copy.deepcopy(resnet).cuda()
     res = ce.CAMEngine(model, "layer4", method)(x.cuda(), targets=expected.classes.cuda())
     assert res.heatmaps.is_cuda and res.cams.is_cuda
+    assert_close(res.heatmaps.cpu(), expected.heatmaps, atol=1e-4, rtol=0)
+
+
+def test_channels_last_trunk_on_cuda_equals_cpu_maps(resnet):
+    x = images(4, 64, dtype=torch.float32)
+    expected = ce.CAMEngine(resnet, "layer4", channels_last=False)(x, targets=ce.TopK(2))
+    engine = ce.CAMEngine(copy.deepcopy(resnet).cuda(), "layer4", channels_last=True)
+    assert engine.model.current().channels_last  # None (the default) is off on CUDA
+    res = engine(x.cuda(), targets=expected.classes.cuda())
     assert_close(res.heatmaps.cpu(), expected.heatmaps, atol=1e-4, rtol=0)
 
 
