@@ -11,6 +11,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import Tensor, nn
+from torch._dynamo.utils import deepcopy_to_fake_tensor
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.shape_prop import ShapeProp
 
@@ -358,11 +359,17 @@ def _fake_tensors(device: torch.device) -> Iterator[FakeTensorMode]:
 
 
 def _channels_last_failure(trunk: fx.GraphModule, example: Tensor) -> str | None:
-    """Why ``trunk`` fails on a channels-last ``example`` (run on fake tensors), or ``None``."""
+    """Why ``trunk`` fails on a channels-last ``example``, or ``None``.
+
+    It runs a fake-tensor copy of the trunk (as ``ShapeProp`` does), so that nothing of the
+    model changes (train-mode BatchNorm counts its batches) and none of its hooks fire.
+    """
     try:
-        with _fake_tensors(example.device) as mode, mode:
-            fake = mode.from_tensor(example.contiguous(memory_format=torch.channels_last))
-            _HooklessInterpreter(trunk).run(fake)
+        with _fake_tensors(example.device) as mode:
+            fake_trunk = deepcopy_to_fake_tensor(trunk, mode)
+            with mode:
+                fake = mode.from_tensor(example.contiguous(memory_format=torch.channels_last))
+                _HooklessInterpreter(fake_trunk).run(fake)
     except Exception as exc:  # a view needing contiguous strides, an op without a fake kernel
         return f"{type(exc).__name__}: {first_line(exc)}"
     return None

@@ -123,3 +123,14 @@ def test_an_engine_built_under_autocast_returns_real_maps():
         expected = expected_cams(net, x, res.classes)
     assert type(res.cams) is torch.Tensor
     torch.testing.assert_close(res.cams, expected, rtol=0.02, atol=0.02)
+
+
+def test_the_layout_check_leaves_a_train_mode_model_as_it_was():
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()
+    ).train()
+    before = {name: value.clone() for name, value in net.state_dict().items()}
+    wrapped = ce.wrap(net, "2", input_size=(16, 16))
+    assert wrapped.current().channels_last
+    for name, value in net.state_dict().items():  # BatchNorm's batch count included
+        assert torch.equal(value, before[name]), name
