@@ -15,6 +15,8 @@ from test_engine import manual_gradcam
 from torch import nn
 
 import cam_engine as ce
+from cam_engine import cli
+from cam_engine.commands import explain
 
 CHANNELS_LAST = torch.channels_last
 
@@ -134,3 +136,16 @@ def test_the_layout_check_leaves_a_train_mode_model_as_it_was():
     assert wrapped.current().channels_last
     for name, value in net.state_dict().items():  # BatchNorm's batch count included
         assert torch.equal(value, before[name]), name
+
+
+def test_explain_channels_last_flags_reach_the_engine():
+    parser = cli.build_parser()
+    argv = ["explain", "images", "--model", "resnet18", "--device", "cpu"]
+    for extra, option, used in (
+        ([], None, True),
+        (["--channels-last"], True, True),
+        (["--no-channels-last"], False, False),
+    ):
+        _, engine = explain.load(parser.parse_args(argv + extra), torch.device("cpu"))
+        assert engine.model.channels_last is option
+        assert engine.model.current().channels_last is used
