@@ -145,8 +145,8 @@ class CAMModel(nn.Module):
             which needs autograd, stays eager. Compiling happens on the first call.
         channels_last: run the trunk without autograd on a channels-last copy of 4-D images
             (oneDNN and cuDNN pick faster convolution kernels for that layout): ``None`` (the
-            default) does so on the CPU, where it measured 1.03x to 1.4x the images/s of
-            torchvision's CNNs (README, "Benchmarks"); ``True`` on every device; ``False``
+            default) does so on the CPU, where Grad-CAM measured 1.02x to 1.53x the images/s of
+            torchvision's CNNs (README, "Python API"); ``True`` on every device; ``False``
             never. A trunk that cannot take that layout (a ``view`` that needs contiguous
             strides) keeps its input as it is; :attr:`notes` says so. Maps are unchanged up to
             float rounding.

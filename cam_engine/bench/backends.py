@@ -177,9 +177,10 @@ def _plain(case: Case) -> Prepared:
 # cam-engine --------------------------------------------------------------------------------------
 
 
-def _engine(case: Case, compile: bool | dict = False, **options: Any) -> Prepared:
+def _engine(case: Case, **options: Any) -> Prepared:
+    """``CAMEngine`` on the case, with ``options`` (``compile=``, ``channels_last=``)."""
     try:
-        engine = CAMEngine(case.model, case.layer, case.method, compile=compile, **options)
+        engine = CAMEngine(case.model, case.layer, case.method, **options)
     except ValueError as exc:
         raise Unavailable(str(exc)) from exc
     return Prepared(engine, lambda res: res.heatmaps)

@@ -108,7 +108,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="feed the model channels-last images up to the target layer (default: on a CPU "
-        "only, where it measured 1.03x to 1.4x the images/s of torchvision's CNNs)",
+        "only, where it measured 1.02x to 1.53x the images/s of torchvision's CNNs)",
     )
     parser.add_argument(
         "--input-size",
