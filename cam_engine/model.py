@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torch._dynamo.utils import deepcopy_to_fake_tensor
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.shape_prop import ShapeProp
+from torch.profiler import record_function
 
 from .graph import Graph, HookCapture, Split, find_module_output, first_line, split, trace
 from .heads import GapLinear, find_gap_linear
@@ -291,11 +292,15 @@ class CAMModel(nn.Module):
         """Returns ``(logits (B, N), features)``; features as the target layer outputs them."""
         built = self.current(x)
         if built.hook is not None:
-            features, output = built.hook.run(x, grad_head=False)
+            with record_function("forward (hook capture)"):
+                features, output = built.hook.run(x, grad_head=False)
             return select_output(output, self.output), features
-        features, *extras = built.run_trunk(x)
+        with record_function("trunk forward (no grad)"):
+            features, *extras = built.run_trunk(x)
         head_input = features.clone() if built.head_inplace else features
-        return select_output(built.split.head(head_input, *extras), self.output), features
+        with record_function("head forward"):
+            output = built.split.head(head_input, *extras)
+        return select_output(output, self.output), features
 
     def explain_forward(
         self, x: Tensor, closed_form: bool = True
@@ -311,16 +316,17 @@ class CAMModel(nn.Module):
         """
         built = self.current(x)
         if built.hook is not None:
-            features, output = built.hook.run(x, grad_head=True)
+            with record_function("forward (hook capture)"):
+                features, output = built.hook.run(x, grad_head=True)
             return features, select_output(output, self.output), None
-        with torch.no_grad():
+        with torch.no_grad(), record_function("trunk forward (no grad)"):
             features, *extras = built.run_trunk(x)
         gap = built.gap if built.gap is not None and built.gap.applies(features) else None
         needs_grad = gap is None or not closed_form
         if needs_grad:
             features = features.detach().requires_grad_(True)
         head_input = features.clone() if built.head_inplace else features
-        with torch.set_grad_enabled(needs_grad):
+        with torch.set_grad_enabled(needs_grad), record_function("head forward"):
             output = built.split.head(head_input, *extras)
         return features, select_output(output, self.output), gap
 

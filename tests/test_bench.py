@@ -273,12 +273,29 @@ def test_bar_chart_is_a_png(tmp_path):
 
 
 @pytest.mark.parametrize("which", ["case", "vgg_case"])
-def test_profiled_pipeline_equals_the_engine(request, which):
+def test_profiled_call_equals_the_engine(request, which):
     c = request.getfixturevalue(which)
     engine = ce.CAMEngine(c.model, c.layer, "gradcam")
-    heatmaps, colours = profiling.engine_pipeline(engine, c.x)
+    heatmaps, colours = profiling.engine_call(engine, c.x)
     assert_close(heatmaps, engine(c.x).heatmaps, atol=0, rtol=0)
     assert_close(colours, ce.postprocess.colorize(heatmaps).cpu(), atol=0, rtol=0)
+
+
+def test_profile_stages_through_the_head(vgg_case):
+    engine = ce.CAMEngine(vgg_case.model, vgg_case.layer, "gradcam++")
+    ours = profiling.profile_engine(engine, vgg_case.x, repeats=1)
+    assert {"trunk forward (no grad)", "head forward", "backward (head only)"} <= set(ours.stages)
+    assert "gradient (closed form)" not in ours.stages  # VGG's MLP head has none
+
+
+@pytest.mark.parametrize("method", ["scorecam", "fullgrad", "guided-gradcam"])
+def test_profile_command_runs_every_kind_of_method(tmp_path: Path, method):
+    """Every method profiles (``--method scorecam`` used to crash with a TypeError)."""
+    argv = ["profile", "--model", "resnet18", "--size", "32", "--batch", "1", "--repeats", "1"]
+    argv += ["--method", method, "--threads", "1", "--no-reference", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    table = (tmp_path / "profile.md").read_text()
+    assert "| method |" in table and "| trunk forward (no grad) |" in table
 
 
 def test_profile_stages(case):

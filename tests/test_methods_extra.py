@@ -89,9 +89,56 @@ def test_kpca_cam_matches_pytorch_grad_cam(resnet18, layer, size, kernel):
 
 
 def test_kpca_cam_rejects_unknown_kernel(resnet18):
-    engine = ce.CAMEngine(resnet18, "layer4", "kpca-cam", method_options={"kernel": "rbff"})
     with pytest.raises(ValueError, match="unknown kernel 'rbff'"):
-        engine(images(1, 64))
+        ce.CAMEngine(resnet18, "layer4", "kpca-cam", method_options={"kernel": "rbff"})
+
+
+@pytest.mark.parametrize(
+    ("method", "options", "match"),
+    [
+        ("gradcam", {"k": 2}, r"unknown option\(s\) \['k'\] for method 'gradcam'; valid: none"),
+        ("fem", {"kk": 2}, r"unknown option\(s\) \['kk'\] for method 'fem'; valid: k"),
+        ("fem", {"k": float("nan")}, "k must be a finite number"),
+        ("smoothgradcam++", {"num_samples": 0}, "num_samples must be an int >= 1"),
+        ("smoothgradcam++", {"generator": 5}, "generator must be a torch.Generator"),
+        ("finercam", {"alpha": float("nan")}, "alpha must be a finite number"),
+        ("finercam", {"alpha": float("inf")}, "alpha must be a finite number"),
+        ("finercam", {"alpha": True}, "alpha must be a finite number"),
+        ("finercam", {"alpha": -1.0}, "alpha must be >= 0"),
+        ("finercam", {"comparisons": (1, 1)}, "distinct ranks"),
+        ("finercam", {"comparisons": (1, 2.5)}, "int ranks >= 1"),
+        ("finercam", {"comparisons": (0,)}, "int ranks >= 1"),
+        ("finercam", {"base": "scorecam"}, "gradient method over"),
+    ],
+)
+def test_method_options_are_checked_when_the_engine_is_built(resnet18, method, options, match):
+    """Unknown keys used to be ignored by every method but the meta ones, and finercam took a
+    NaN or negative alpha (NaN maps) and duplicate or fractional ranks (raw errors)."""
+    with pytest.raises(ValueError, match=match):
+        ce.CAMEngine(resnet18, "layer4", method, method_options=options)
+
+
+def test_finercam_default_ranks_fit_a_three_class_model():
+    """Both peers drop comparison ranks past the last class; ours used to raise."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)
+    ).double()
+    x = images(2, 16)
+    res = ce.CAMEngine(model, "1", "finercam")(x, [0, 2])
+    logits = model(x)
+    # by hand: ranks 1 and 2 are the other two classes (rank 3 does not exist)
+    features = model[1](model[0](x)).detach().requires_grad_(True)
+    out = model[4](model[3](model[2](features)))
+    scores = []
+    for b, c in enumerate([0, 2]):
+        others = [d for d in range(3) if d != c]
+        probs = out[b].softmax(-1)[others]
+        scores.append((probs * (out[b, c] - out[b, others])).sum() / (probs.sum() + 1e-9))
+    (grads,) = torch.autograd.grad(torch.stack(scores).sum(), features)
+    expected = (grads.mean((2, 3))[..., None, None] * features.detach()).sum(1).relu()
+    assert_close(res.cams[:, 0], expected, atol=1e-12, rtol=1e-9)
+    assert torch.equal(res.logits, logits.detach())
 
 
 class CurvedHead(nn.Module):
@@ -233,8 +280,9 @@ def test_noise_methods_are_reproducible_with_a_generator(resnet18):
 def check_family(model, x, layer, size):
     wrapped = ce.wrap(model, None, input_size=size)
     assert wrapped.target_layer == layer
-    options = {"num_samples": 2, "generator": torch.Generator().manual_seed(0)}
+    noise = {"num_samples": 2, "generator": torch.Generator().manual_seed(0)}
     for method in GRADIENT_METHODS:
+        options = noise if method == "smoothgradcam++" else None
         res = ce.CAMEngine(wrapped, method=method, method_options=options)(x, ce.TopK(2))
         b, k = x.shape[0], 2
         assert res.cams.shape[:2] == (b, k) and res.heatmaps.shape == (b, k, *size), method

@@ -219,19 +219,20 @@ def test_batched_equals_single_calls(resnet18, method, options):
         ("refinecam", {}, "needs more layers"),
         ("refinecam", {"layers": ["layer4"]}, "must differ"),
         ("refinecam", {**REFINE, "fuse": "sum"}, "unknown fuse 'sum'"),
-        ("refinecam", {**REFINE, "lyers": 1}, r"unknown options \['lyers'\]"),
+        ("refinecam", {**REFINE, "lyers": 1}, r"unknown option\(s\) \['lyers'\]"),
         ("refinecam", {**REFINE, "base": "sess"}, "cannot be 'sess'"),
         ("refinecam", {**REFINE, "base": "gradcamm"}, "unknown method 'gradcamm'"),
         ("sess", {"pool": "avg"}, "pool has to be one of"),
         ("sess", {"pre_filter_ratio": 1.0}, r"pre_filter_ratio has to be in \[0, 1\)"),
         ("sess", {"scales": [16, 32]}, "at least the window size 32"),
         ("sess", {"step_size": 0}, "at least 1"),
-        ("sess", {"num_scale": 2}, r"unknown options \['num_scale'\]"),
+        ("sess", {"num_scale": 2}, r"unknown option\(s\) \['num_scale'\] .*valid: .*num_scales"),
+        ("sess", {"base_options": {"k": 2}}, r"unknown option\(s\) \['k'\] for method 'gradcam'"),
     ],
 )
 def test_cnn_methods_reject_bad_options(method, options, match):
-    engine = ce.CAMEngine(built("resnet18", 32), "layer4", method, method_options=options)
     with pytest.raises(ValueError, match=match):
+        engine = ce.CAMEngine(built("resnet18", 32), "layer4", method, method_options=options)
         engine(images(1, 32))
 
 
@@ -244,8 +245,10 @@ def test_cnn_methods_reject_bad_options(method, options, match):
     ],
 )
 def test_legrad_rejects_bad_options(options, match):
-    engine = ce.CAMEngine(small_vit(), None, "legrad", input_size=(32, 32), method_options=options)
     with pytest.raises(ValueError, match=match):
+        engine = ce.CAMEngine(
+            small_vit(), None, "legrad", input_size=(32, 32), method_options=options
+        )
         engine(images(1, 32))
 
 

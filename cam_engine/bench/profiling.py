@@ -1,12 +1,12 @@
 """Where the time of one explain call goes, from ``torch.profiler``, ours next to the hook way.
 
-Our side runs the engine's own pieces (``CAMModel.explain_forward``, ``score_gradients`` or the
-closed form, the method function, ``postprocess.heatmaps`` and ``colorize``) in the order
-``CAMEngine.__call__`` runs them, with a ``record_function`` label around each stage; the trunk
-and head graph modules are labelled through forward hooks on them (our own split modules, not
-the user's model). The reference side is ``HookGradCAM``: its forward is labelled the same way,
-its backward is the sum of the autograd engine's ``evaluate_function`` events, and the rest of
-the call (channel weights, ReLU, upsampling, normalisation) is what remains.
+Our side is an ordinary :class:`~cam_engine.CAMEngine` call, of any method: the engine labels its
+own stages with ``record_function`` (:data:`cam_engine.explainer.STAGES`), and the colour map and
+host transfer that follow are labelled here. The reference side is ``HookGradCAM``: its forward
+is labelled through hooks on the user's model, its backward is the sum of the autograd engine's
+``evaluate_function`` events, and the rest of the call (channel weights, ReLU, upsampling,
+normalisation) is what remains. On CUDA the table reads the labels' CPU-side time; the Chrome
+trace has the kernels.
 """
 
 from __future__ import annotations
@@ -21,15 +21,14 @@ from torch import Tensor, nn
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from .. import postprocess
-from ..engine import CAMEngine, score_gradients
-from ..layers import gradients_to_nchw, to_nchw
+from ..engine import CAMEngine
+from ..explainer import STAGES as ENGINE_STAGES
 from ..reference import HookGradCAM
-from ..targets import resolve_classes
 
 __all__ = [
     "STAGES",
     "Profile",
-    "engine_pipeline",
+    "engine_call",
     "reference_pipeline",
     "profile_engine",
     "profile_reference",
@@ -38,15 +37,11 @@ __all__ = [
 
 #: table rows, in pipeline order; each side fills the ones it has
 STAGES = (
-    "trunk forward (no grad)",
-    "head forward",
-    "forward (hook capture)",
+    *ENGINE_STAGES[:3],
     "forward (full model)",
-    "gradient (closed form)",
-    "backward (head only)",
+    *ENGINE_STAGES[3:6],
     "backward (whole network)",
-    "method",
-    "upsample + normalise",
+    *ENGINE_STAGES[6:],
     "rest: weights, ReLU, upsample + normalise",
     "colour map",
     "host transfer",
@@ -87,44 +82,19 @@ def labelled(module: nn.Module, label: str, device: torch.device) -> Iterator[No
             handle.remove()
 
 
-def engine_pipeline(engine: CAMEngine, x: Tensor, colormap: str = "jet") -> tuple[Tensor, Tensor]:
-    """One top-1 explain call of ``engine`` cut into labelled stages.
+def engine_call(engine: CAMEngine, x: Tensor, colormap: str = "jet") -> tuple[Tensor, Tensor]:
+    """One top-1 explain call of ``engine``, then its colour images and their host copy.
 
     Returns:
-        heatmaps (B, 1, H, W) on ``x``'s device (equal to ``engine(x).heatmaps``) and their
-        colour images (B, 1, 3, H, W) uint8 on the CPU.
+        heatmaps (B, 1, H, W) on ``x``'s device and their colour images (B, 1, 3, H, W) uint8 on
+        the CPU.
     """
-    device, size = x.device, tuple(x.shape[-2:])
-    wrapped = engine.model
-    built = wrapped.current(x)
-    with torch.inference_mode(False):
-        if built.split is not None:
-            with (
-                labelled(built.split.trunk, "trunk forward (no grad)", device),
-                labelled(built.split.head, "head forward", device),
-            ):
-                features, logits, gap = wrapped.explain_forward(x, engine.closed_form)
-        else:
-            with _stage("forward (hook capture)", device):
-                features, logits, gap = wrapped.explain_forward(x, engine.closed_form)
-        classes = resolve_classes(None, logits.detach())
-        if gap is not None and engine.closed_form:
-            with _stage("gradient (closed form)", device):
-                grads = gap.gradients(classes, features)
-        else:
-            with _stage("backward (head only)", device):
-                grads = score_gradients(logits, features, classes)
-        with torch.no_grad():
-            with _stage("method", device):
-                activations = to_nchw(features.detach(), engine.reshape, size)
-                grads = gradients_to_nchw(grads, engine.reshape, size)
-                cams = engine.method.fn(activations, grads)
-            with _stage("upsample + normalise", device):
-                heatmaps = postprocess.heatmaps(cams, size)
-            with _stage("colour map", device):
-                colours = postprocess.colorize(heatmaps, colormap)
-            with _stage("host transfer", device):
-                colours = colours.cpu()
+    heatmaps = engine(x).heatmaps
+    with torch.no_grad():
+        with _stage("colour map", x.device):
+            colours = postprocess.colorize(heatmaps, colormap)
+        with _stage("host transfer", x.device):
+            colours = colours.cpu()
     return heatmaps, colours
 
 
@@ -189,8 +159,8 @@ def _profile(
 def profile_engine(
     engine: CAMEngine, x: Tensor, repeats: int = 3, trace: Path | None = None
 ) -> Profile:
-    """Stage times of :func:`engine_pipeline`, averaged over ``repeats`` calls."""
-    return _profile("engine", lambda x: engine_pipeline(engine, x), x, repeats, trace)
+    """Stage times of :func:`engine_call`, averaged over ``repeats`` calls."""
+    return _profile("engine", lambda x: engine_call(engine, x), x, repeats, trace)
 
 
 def profile_reference(

@@ -1,32 +1,52 @@
-"""The method registry, the context given to methods that need more than (A, G), and shared helpers.
+"""The method registry, the one input type of every method, typed options and shared helpers.
 
-Two kinds of methods:
+Every registered method is called the same way, ``Method.run(ctx: Context) -> MethodOutput``, and
+is a pure function of its context: it reads tensors and asks the split model for more through
+:class:`SplitAccess`; it never builds an engine or a model. Most methods are written over the two
+tensors alone and registered with ``over_maps=True``:
 
-- gradient / activation methods: ``fn(A (B, C, *s), G (B, K, C, *s)) -> cams (B, K, *s)``, a few
-  tensor lines each (``G`` is ``None`` for methods with ``uses_gradients=False``);
-- context methods (``needs_context=True``): ``fn(ctx: Context) -> cams (B, K, *s)``, for methods
-  that run the model again (Score-CAM, Ablation-CAM) or need other gradients (FullGrad, guided
-  backpropagation).
+- channel-weight methods ``weights(A (B, C, *s), G (B, K, C, *s)) -> (B, K, C)``
+  (:func:`register_weights`): the map is ``ReLU(sum_c w_c A_c)``;
+- element-wise methods ``terms(A, G) -> (B, K, C, *s)`` (:func:`register_elementwise`): the map
+  is ``ReLU(sum over C)``;
+- map methods ``fn(A, G) -> (B, K, *s)`` (:func:`register`).
 
-``weighted`` (same signature as ``fn``) returns the weighted activations (B, K, C, *s) whose first
+Methods that need more (the model run on other inputs, other gradients) take the
+:class:`Context` itself. ``smooth`` returns the weighted activations (B, K, C, *s) whose first
 principal component replaces the channel sum when the engine runs with ``eigen_smooth=True``.
+Method options are a frozen dataclass per method (:class:`MethodOptions`), checked when the
+engine is built.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+from ..gradients import ForwardRecord
+from ..targets import Resolved
+
+if TYPE_CHECKING:
+    from ..heads import GapLinear
+    from ..layers import Reshape
 
 __all__ = [
     "Method",
+    "MethodOutput",
+    "MethodOptions",
+    "check_number",
+    "check_count",
     "Context",
+    "SplitAccess",
     "register",
     "register_weights",
     "register_elementwise",
+    "register_composition",
     "available",
     "get",
     "spatial_mean",
@@ -35,65 +55,141 @@ __all__ = [
     "first_component",
 ]
 
-MethodFn = Callable[..., Tensor]
+Scorer = Callable[[Tensor, Tensor], Tensor]
 
 
-@dataclass
+@dataclass(frozen=True)
+class MethodOptions:
+    """Options of a method without any; subclasses add typed fields with defaults.
+
+    ``CAMEngine(method_options={...})`` is turned into the method's options class by
+    :meth:`parse`, which rejects unknown keys; each subclass checks its values in
+    ``__post_init__``.
+    """
+
+    @classmethod
+    def parse(cls, method: str, given: Mapping[str, Any] | MethodOptions | None) -> MethodOptions:
+        """``cls(**given)``; ``ValueError`` naming the valid keys for unknown ones."""
+        if isinstance(given, cls):
+            return given
+        if given is None:
+            return cls()
+        if not isinstance(given, Mapping):
+            raise ValueError(f"method_options must be a dict, got {type(given).__name__}")
+        valid = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(given) - set(valid))
+        if unknown:
+            known = ", ".join(valid) if valid else "none"
+            raise ValueError(f"unknown option(s) {unknown} for method {method!r}; valid: {known}")
+        return cls(**given)
+
+
+def check_number(name: str, value: object, *, positive: bool = False) -> None:
+    """``ValueError`` unless ``value`` is a finite real number (and > 0 with ``positive``)."""
+    real = isinstance(value, int | float) and not isinstance(value, bool)
+    if not real or value != value or abs(value) == float("inf") or (positive and value <= 0):
+        kind = "a positive finite number" if positive else "a finite number"
+        raise ValueError(f"{name} must be {kind}, got {value!r}")
+
+
+def check_count(name: str, value: object, *, minimum: int = 1) -> None:
+    """``ValueError`` unless ``value`` is an int (not a bool) of at least ``minimum``."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class MethodOutput:
+    """What a method returns.
+
+    Attributes:
+        cams: (B, K, *s) maps after the method's ReLU, or (B, 1, *s) for class-agnostic maps
+            (the engine broadcasts them to K).
+        guided: (B, K, C, H, W) guided input gradients (guided methods only).
+    """
+
+    cams: Tensor
+    guided: Tensor | None = None
+
+
+class SplitAccess(Protocol):
+    """What a method may ask of the model split at the target layer, for one batch."""
+
+    model: nn.Module
+    target_layer: str
+
+    def predict(self, inputs: Tensor) -> Tensor:
+        """The selected model output for other inputs (n, C, H, W), without autograd."""
+
+    def head(self, maps: Tensor, rows: Tensor) -> Tensor:
+        """The head's output (no autograd) on target maps (n, *F) of images ``rows`` (n,)."""
+
+    def record(self, inputs: Tensor, *, closed_form: bool) -> ForwardRecord:
+        """A forward of other inputs: trunk without autograd, head with (or closed form)."""
+
+    def select(self, output: Any) -> Tensor:
+        """The explained tensor of a full model output (the engine's ``output=`` selector)."""
+
+
+@dataclass(frozen=True)
 class Context:
-    """What the engine hands to a context method (``needs_context=True``).
+    """The input of every method.
 
     Attributes:
         x: (B, C, H, W) or (B, C, D, H, W) input batch.
         activations: (B, C, *s) target map in channels-first layout.
-        gradients: (B, K, C, *s) dScore/dA, or ``None`` when the method uses no gradients.
-        classes: (B, K) explained class ids (-1 for score functions without class ids).
-        logits: the model output the targets score (B, N) for classifiers.
-        scores: ``scores(output, rows) -> (n, K)``: the explained scores of a model output for a
-            batch whose row ``i`` comes from image ``rows[i]``.
-        model: the user's model (``nn.Module``).
-        cam_model: the :class:`cam_engine.CAMModel` split at the target layer.
-        head: ``head(maps (n, *F), rows (n,)) -> output``: the split's head (no autograd) on
-            (modified) target maps of images ``rows``, in the layer's native layout ``F``;
-            ``None`` when the model was split with a forward hook.
-        gap: the head's closed form (:class:`cam_engine.heads.GapLinear`) when it applies to
-            this map and the targets are class ids, else ``None``.
+        gradients: (B, K, C, *s) dScore/dA for methods registered with ``needs_gradients``,
+            else ``None``.
+        targets: the explained targets bound to this batch (:attr:`classes`, :attr:`scores`).
+        logits: the model output the targets score ((B, N) for classifiers).
         native: (B, *F) the target map in the layer's own layout (tokens, channels-last, ...).
+        options: the method's typed options.
         batch_size: how many extra inputs a perturbation method runs through the model at once.
-        options: method-specific keyword options from ``CAMEngine(method_options=...)``.
-        guided: set by guided methods: (B, K, C, H, W) guided input gradients.
         reshape: the engine's ``reshape`` (see :func:`cam_engine.layers.to_nchw`), for methods
             that compute target maps or gradients of their own.
-        head_graph: for methods registered with ``needs_head_graph``: ``(features, output)``
-            of :meth:`cam_engine.CAMModel.explain_forward` without the closed form: ``features``
-            (B, *F) is a leaf that requires grad and ``output`` depends on it through the head
-            only, so the method differentiates scores of its own without another trunk pass.
+        split: the split model, to run it on other inputs.
+        closed_form: the head's closed form when the engine uses it for this call, else ``None``.
+        head_graph: for methods registered with ``needs_head_graph``: the forward with the head's
+            graph kept (``features`` a leaf that requires grad), so the method differentiates
+            scores of its own without another trunk pass.
     """
 
     x: Tensor
     activations: Tensor
     gradients: Tensor | None
-    classes: Tensor
+    targets: Resolved
     logits: Tensor
-    scores: Callable[[Tensor, Tensor], Tensor]
-    model: Any
-    cam_model: Any
-    head: Callable[[Tensor, Tensor], Any] | None
-    gap: Any = None
-    native: Tensor | None = None
-    batch_size: int = 32
-    options: dict[str, Any] = field(default_factory=dict)
-    guided: Tensor | None = None
-    reshape: Any = None
-    head_graph: tuple[Tensor, Any] | None = None
+    native: Tensor
+    options: MethodOptions
+    batch_size: int
+    reshape: Reshape
+    split: SplitAccess
+    closed_form: GapLinear | None = None
+    head_graph: ForwardRecord | None = None
 
-    def predict(self, inputs: Tensor) -> Tensor:
-        """The model's output for other inputs (n, C, H, W), without autograd.
+    @property
+    def classes(self) -> Tensor:
+        """(B, K) explained class ids (-1 for score functions without class ids)."""
+        return self.targets.classes
 
-        It runs through the split (trunk, then head), so a trunk compiled with
-        ``CAMEngine(compile=...)`` serves perturbation methods' forwards too.
-        """
-        with torch.no_grad():
-            return self.cam_model(inputs)[0]
+    @property
+    def scores(self) -> Scorer:
+        """``scores(output, rows) -> (n, K)``: the explained scores of a model output for a
+        batch whose row ``i`` comes from image ``rows[i]``."""
+        return self.targets.scores
+
+    @property
+    def image_size(self) -> tuple[int, ...]:
+        """(H, W) (or (D, H, W)) of the input."""
+        return tuple(self.x.shape[2:])
+
+    @property
+    def rows(self) -> Tensor:
+        """(B,) the row index of every image (``scores(output, ctx.rows)`` for the batch)."""
+        return torch.arange(self.x.shape[0], device=self.x.device)
+
+
+RunFn = Callable[[Context], MethodOutput]
 
 
 @dataclass(frozen=True)
@@ -102,81 +198,117 @@ class Method:
 
     Attributes:
         name: the name users pass (``"gradcam"``).
-        fn: ``(A, G) -> cams (B, K, *s)``, or ``(ctx) -> cams`` when ``needs_context``.
+        run: ``(ctx) -> MethodOutput``.
+        smooth: ``(ctx) -> (B, K, C, *s)`` weighted activations for ``eigen_smooth``; ``None``
+            when the method has no such form.
+        options: the method's options class.
+        needs_gradients: the engine computes dScore/dA of the explained targets into
+            :attr:`Context.gradients` (closed form where it applies).
+        needs_head_graph: the engine keeps the head's graph in :attr:`Context.head_graph`.
         needs_gap_head: defined only for global-average-pool -> linear heads (classic CAM).
-        uses_gradients: needs dScore/dA (the engine skips the backward otherwise).
-        needs_context: ``fn`` takes a :class:`Context`.
-        weighted: like ``fn`` but returns the weighted activations (B, K, C, *s) for
-            ``eigen_smooth``; ``None`` when the method has no such form.
-        input_maps: the output is at the input's resolution already (no target map involved).
         two_d_only: defined for 2-D images only.
-        needs_head_graph: the engine runs the head with autograd and hands the graph over in
-            :attr:`Context.head_graph` (methods that differentiate scores of their own).
+        composition: the method runs other engine calls (several layers, crops): it is
+            registered by :mod:`cam_engine.compose`, which runs it above the engine.
     """
 
     name: str
-    fn: MethodFn
-    needs_gap_head: bool = False
-    uses_gradients: bool = True
-    needs_context: bool = False
-    weighted: MethodFn | None = None
-    input_maps: bool = False
-    two_d_only: bool = False
+    run: RunFn
+    smooth: Callable[[Context], Tensor] | None = None
+    options: type[MethodOptions] = MethodOptions
+    needs_gradients: bool = False
     needs_head_graph: bool = False
+    needs_gap_head: bool = False
+    two_d_only: bool = False
+    composition: bool = False
 
 
 _METHODS: dict[str, Method] = {}
 
 
-def register(name: str, **flags: Any) -> Callable[[MethodFn], MethodFn]:
-    """Decorator adding a method function to the registry under ``name`` (flags: see Method)."""
-
-    def add(fn: MethodFn) -> MethodFn:
-        _METHODS[name] = Method(name, fn, **flags)
-        return fn
-
-    return add
+def _reader(fn: Callable[..., Tensor], over_maps: bool) -> Callable[[Context], Tensor]:
+    if over_maps:
+        return lambda ctx: fn(ctx.activations, ctx.gradients)
+    return fn
 
 
-def _activations(args: tuple) -> Tensor:
-    return args[0].activations if isinstance(args[0], Context) else args[0]
+def _add(name: str, run: Callable[[Context], Any], **flags: Any) -> None:
+    def wrapped(ctx: Context) -> MethodOutput:
+        out = run(ctx)
+        return out if isinstance(out, MethodOutput) else MethodOutput(out)
+
+    _METHODS[name] = Method(name, wrapped, **flags)
 
 
-def register_weights(name: str, **flags: Any) -> Callable[[MethodFn], MethodFn]:
-    """Register a channel-weight method: ``weights(*args) -> (B, K, C)``.
+def register(
+    name: str,
+    *,
+    over_maps: bool = False,
+    smooth: Callable[..., Tensor] | None = None,
+    **flags: Any,
+) -> Callable[[Callable], Callable]:
+    """Decorator adding a method under ``name``.
 
-    The map is ``ReLU(sum_c w_c A_c)``; with ``eigen_smooth`` the first principal component of
-    ``w_c A_c`` replaces the sum (pytorch-grad-cam's ``BaseCAM.get_cam_image``).
+    ``fn(ctx) -> cams | MethodOutput``, or ``fn(A, G) -> cams`` with ``over_maps``; ``smooth`` is
+    read the same way. ``flags``: see :class:`Method`.
     """
 
-    def add(weights: MethodFn) -> MethodFn:
-        def fn(*args: Any) -> Tensor:
-            return weighted_sum(weights(*args), _activations(args)).relu()
-
-        def weighted(*args: Any) -> Tensor:
-            activations = _activations(args)
-            w = weights(*args)
-            return w[(...,) + (None,) * (activations.ndim - 2)] * activations[:, None]
-
-        fn.__doc__, fn.__name__ = weights.__doc__, weights.__name__
-        _METHODS[name] = Method(name, fn, weighted=weighted, **flags)
+    def add(fn: Callable) -> Callable:
+        smoothing = None if smooth is None else _reader(smooth, over_maps)
+        _add(name, _reader(fn, over_maps), smooth=smoothing, **flags)
         return fn
 
     return add
 
 
-def register_elementwise(name: str, **flags: Any) -> Callable[[MethodFn], MethodFn]:
+def register_weights(
+    name: str, *, over_maps: bool = False, **flags: Any
+) -> Callable[[Callable], Callable]:
+    """Register a channel-weight method: ``weights(ctx)`` (or ``weights(A, G)`` with
+    ``over_maps``) ``-> (B, K, C)``.
+
+    The map is ``ReLU(sum_c w_c A_c)``; with ``eigen_smooth`` the first principal component of
+    ``w_c A_c`` replaces the sum (pytorch-grad-cam's ``BaseCAM.get_cam_image``). The decorated
+    name becomes the map function, taking what ``weights`` takes.
+    """
+
+    def add(weights: Callable) -> Callable:
+        def maps(*args: Any) -> Tensor:
+            a = args[0] if over_maps else args[0].activations
+            return weighted_sum(weights(*args), a).relu()
+
+        def smooth(*args: Any) -> Tensor:
+            a = args[0] if over_maps else args[0].activations
+            return weights(*args)[(...,) + (None,) * (a.ndim - 2)] * a[:, None]
+
+        maps.__doc__, maps.__name__ = weights.__doc__, weights.__name__
+        _add(name, _reader(maps, over_maps), smooth=_reader(smooth, over_maps), **flags)
+        return maps
+
+    return add
+
+
+def register_elementwise(name: str, **flags: Any) -> Callable[[Callable], Callable]:
     """Register an element-wise method: ``terms(A, G) -> (B, K, C, *s)``, map = ReLU(sum over C)."""
 
-    def add(terms: MethodFn) -> MethodFn:
-        def fn(*args: Any) -> Tensor:
-            return terms(*args).sum(dim=2).relu()
+    def add(terms: Callable) -> Callable:
+        def maps(activations: Tensor, gradients: Tensor) -> Tensor:
+            return terms(activations, gradients).sum(dim=2).relu()
 
-        fn.__doc__, fn.__name__ = terms.__doc__, terms.__name__
-        _METHODS[name] = Method(name, fn, weighted=terms, **flags)
-        return fn
+        maps.__doc__, maps.__name__ = terms.__doc__, terms.__name__
+        _add(name, _reader(maps, True), smooth=_reader(terms, True), **flags)
+        return maps
 
     return add
+
+
+def register_composition(name: str, options: type[MethodOptions], **flags: Any) -> None:
+    """List a composition of :mod:`cam_engine.compose` under ``name`` (its ``run`` refuses a
+    Context: the engine runs it above the one-layer pipeline)."""
+
+    def run(ctx: Context) -> MethodOutput:
+        raise ValueError(f"{name!r} composes other engine calls; run it with CAMEngine")
+
+    _METHODS[name] = Method(name, run, options=options, composition=True, **flags)
 
 
 def available() -> list[str]:
@@ -186,7 +318,7 @@ def available() -> list[str]:
 
 def get(name: str) -> Method:
     """The method called ``name``; ``ValueError`` listing the available ones otherwise."""
-    if name not in _METHODS:
+    if not isinstance(name, str) or name not in _METHODS:
         raise ValueError(f"unknown method {name!r}; available: {', '.join(available())}")
     return _METHODS[name]
 

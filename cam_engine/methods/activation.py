@@ -2,24 +2,50 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
-from ._registry import Context, register, register_weights
+from ._registry import Context, MethodOptions, check_number, register, register_weights
 
 KERNELS = ("linear", "poly", "rbf", "sigmoid", "cosine")
 
 
-@register_weights("fem", uses_gradients=False, needs_context=True)
+@dataclass(frozen=True)
+class FemOptions(MethodOptions):
+    """``k``: how many standard deviations above the mean a position must be (default 2)."""
+
+    k: float = 2.0
+
+    def __post_init__(self) -> None:
+        check_number("k", self.k)
+
+
+@dataclass(frozen=True)
+class KpcaOptions(MethodOptions):
+    """``kernel`` in :data:`KERNELS` (default ``"sigmoid"``), ``gamma`` (default ``1 / C``)."""
+
+    kernel: str = "sigmoid"
+    gamma: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.kernel not in KERNELS:
+            raise ValueError(f"unknown kernel {self.kernel!r}; use one of {', '.join(KERNELS)}")
+        if self.gamma is not None:
+            check_number("gamma", self.gamma, positive=True)
+
+
+@register_weights("fem", options=FemOptions)
 def fem(ctx: Context) -> Tensor:
     """FEM, Feature Explanation Method (Fuad et al., 2020): ``w_c`` is the fraction of positions
-    where ``A_c > mean(A_c) + k std(A_c)`` (population std, ``k = ctx.options["k"]``, default 2).
+    where ``A_c > mean(A_c) + k std(A_c)`` (population std, ``k`` from :class:`FemOptions`).
 
     Returns:
         weights (B, 1, C): the map is the same for every target (the engine broadcasts it).
     """
     flat = ctx.activations.flatten(2)
-    k = ctx.options.get("k", 2)
+    k = ctx.options.k
     std, mean = torch.std_mean(flat, dim=-1, correction=0, keepdim=True)
     return (flat > mean + k * std).to(flat.dtype).mean(-1)[:, None]
 
@@ -41,7 +67,7 @@ def _kernel(rows: Tensor, kernel: str, gamma: float) -> Tensor:
     )
 
 
-@register("kpca-cam", uses_gradients=False, needs_context=True)
+@register("kpca-cam", options=KpcaOptions)
 def kpca_cam(ctx: Context) -> Tensor:
     """KPCA-CAM (Karmani et al., 2024): the first kernel principal component of the positions.
 
@@ -49,19 +75,17 @@ def kpca_cam(ctx: Context) -> Tensor:
     batched on the device: per image, positions are rows, channels columns (centred); the kernel
     matrix is double-centred and the projection is ``v sqrt(lambda)`` for its top eigenpair, with
     scikit-learn's sign (``svd_flip``: the largest-magnitude entry of ``v`` is positive).
-    Options: ``kernel`` in ``KERNELS`` (default ``"sigmoid"``), ``gamma`` (default ``1 / C``).
+    Options: :class:`KpcaOptions`.
 
     Returns:
         (B, 1, *s), after the ReLU; the same map for every target.
     """
-    kernel = ctx.options.get("kernel", "sigmoid")
-    if kernel not in KERNELS:
-        raise ValueError(f"unknown kernel {kernel!r}; use one of {', '.join(KERNELS)}")
+    kernel = ctx.options.kernel
     a = ctx.activations
     a = torch.where(a.isnan(), 0, a)
     rows = a.flatten(2).transpose(1, 2)  # (B, P, C)
     rows = rows - rows.mean(dim=1, keepdim=True)
-    gamma = ctx.options.get("gamma") or 1.0 / rows.shape[-1]
+    gamma = ctx.options.gamma or 1.0 / rows.shape[-1]
     k = _kernel(rows, kernel, gamma)
     k = k - k.mean(-1, keepdim=True) - k.mean(-2, keepdim=True) + k.mean((-2, -1), keepdim=True)
     values, vectors = torch.linalg.eigh(k)

@@ -5,7 +5,7 @@ from torch import Tensor
 from ._registry import register_weights, spatial_mean
 
 
-@register_weights("cam", needs_gap_head=True)
+@register_weights("cam", over_maps=True, needs_gradients=True, needs_gap_head=True)
 def cam(activations: Tensor, gradients: Tensor) -> Tensor:
     """ReLU of the map weighted by the final linear layer's row of each class.
 

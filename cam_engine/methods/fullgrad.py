@@ -2,56 +2,12 @@
 
 from __future__ import annotations
 
-import weakref
-
 import torch
-import torch.fx as fx
 from torch import Tensor, nn
 
 from .. import postprocess
-from ..graph import trace
-from ..model import select_output
+from ..rewrites import bias_graph
 from ._registry import Context, register
-
-_BIAS_TYPES = (nn.Conv2d, nn.BatchNorm2d)  # exact types, as pytorch-grad-cam selects them
-_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _state(model: nn.Module) -> tuple:
-    p = next(model.parameters())
-    return model.training, p.device, p.dtype
-
-
-def bias_graph(model: nn.Module) -> tuple[fx.GraphModule, list[nn.Module]]:
-    """``model`` traced to return ``(output, (z_1, ..., z_L))``, the outputs of every Conv2d /
-    BatchNorm2d with a bias, and those modules.
-
-    Each ``z_i`` is kept apart from its users by a copy, so in-place ops after it (a ReLU with
-    ``inplace=True``) do not change it and ``autograd.grad(score, z_i)`` is dScore/dz_i. Built
-    once per model and mode (weights are shared, not copied).
-    """
-    per_model = _CACHE.setdefault(model, {})
-    key = _state(model)
-    if key not in per_model:
-        graph, notes = trace(model)
-        if graph is None:
-            raise ValueError("fullgrad needs a model torch.fx can trace: " + "; ".join(notes))
-        gm = graph.module
-        modules = dict(gm.named_modules())
-        taps, layers = [], []
-        for node in list(gm.graph.nodes):
-            module = modules.get(node.target) if node.op == "call_module" else None
-            if type(module) in _BIAS_TYPES and module.bias is not None:
-                with gm.graph.inserting_after(node):
-                    copy = gm.graph.call_method("clone", (node,))
-                node.replace_all_uses_with(copy, delete_user_cb=lambda user, c=copy: user is not c)
-                taps.append(node)
-                layers.append(module)
-        output = next(n for n in gm.graph.nodes if n.op == "output")
-        output.args = ((output.args[0], tuple(taps)),)
-        gm.recompile()
-        per_model[key] = (gm, layers)
-    return per_model[key]
 
 
 def _bias(module: nn.Module) -> Tensor:
@@ -69,7 +25,7 @@ def _scale(maps: Tensor) -> Tensor:
     return (flat / (flat.amax(-1, keepdim=True) + 1e-7)).view_as(maps)
 
 
-@register("fullgrad", needs_context=True, uses_gradients=False, input_maps=True, two_d_only=True)
+@register("fullgrad", two_d_only=True)
 def fullgrad(ctx: Context) -> Tensor:
     """Sum of the normalised ``|x * dS/dx|`` and, for every Conv2d / BatchNorm2d with a bias,
     of the normalised, upsampled ``|b * dS/dz|`` summed over channels.
@@ -83,12 +39,11 @@ def fullgrad(ctx: Context) -> Tensor:
     Returns:
         (B, K, H, W) at the input's size, non-negative.
     """
-    gm, layers = bias_graph(ctx.model)
+    gm, layers = bias_graph(ctx.split.model)
     x = ctx.x.detach().requires_grad_(True)
-    rows = torch.arange(x.shape[0], device=x.device)
     with torch.enable_grad():
         output, taps = gm(x)
-        scores = ctx.scores(select_output(output, ctx.cam_model.output), rows)
+        scores = ctx.scores(ctx.split.select(output), ctx.rows)
     size = tuple(x.shape[2:])
     maps = []
     for k in range(scores.shape[1]):

@@ -5,7 +5,7 @@ from torch import Tensor
 from ._registry import register_weights, spatial_mean
 
 
-@register_weights("gradcam")
+@register_weights("gradcam", over_maps=True, needs_gradients=True)
 def gradcam(activations: Tensor, gradients: Tensor) -> Tensor:
     """ReLU of the map weighted by the spatial mean of dScore/dA.
 

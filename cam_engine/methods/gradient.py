@@ -17,7 +17,7 @@ from ._registry import (
 )
 
 
-@register_weights("gradcam++")
+@register_weights("gradcam++", over_maps=True, needs_gradients=True)
 def gradcam_plus_plus(activations: Tensor, gradients: Tensor) -> Tensor:
     """Grad-CAM++ (Chattopadhay et al., 2018), eq. 19 with the exponential-score shortcut.
 
@@ -31,26 +31,26 @@ def gradcam_plus_plus(activations: Tensor, gradients: Tensor) -> Tensor:
     return (alpha * g.relu()).sum(dim=tuple(range(3, g.ndim)))
 
 
-@register_weights("xgradcam")
+@register_weights("xgradcam", over_maps=True, needs_gradients=True)
 def xgradcam(activations: Tensor, gradients: Tensor) -> Tensor:
     """XGrad-CAM (Fu et al., 2020): ``w = sum(g A) / (sum(A) + 1e-7)``."""
     a = activations[:, None]
     return (gradients * a / (spatial_sum(a, 3) + 1e-7)).sum(dim=tuple(range(3, a.ndim)))
 
 
-@register_elementwise("layercam")
+@register_elementwise("layercam", needs_gradients=True)
 def layercam(activations: Tensor, gradients: Tensor) -> Tensor:
     """Layer-CAM (Jiang et al., 2021): ``relu(g) * A`` per position."""
     return gradients.relu() * activations[:, None]
 
 
-@register_elementwise("hirescam")
+@register_elementwise("hirescam", needs_gradients=True)
 def hirescam(activations: Tensor, gradients: Tensor) -> Tensor:
     """HiResCAM (Draelos & Carin, 2020): ``g * A`` per position (ReLU after the channel sum)."""
     return gradients * activations[:, None]
 
 
-@register_elementwise("gradcam-elementwise")
+@register_elementwise("gradcam-elementwise", needs_gradients=True)
 def gradcam_elementwise(activations: Tensor, gradients: Tensor) -> Tensor:
     """Element-wise Grad-CAM: ``relu(g * A)`` per position."""
     return (gradients * activations[:, None]).relu()
@@ -64,13 +64,13 @@ def _activation(activations: Tensor, gradients: None) -> Tensor:
     return activations[:, None]
 
 
-@register("eigengradcam", weighted=_grad_times_activation)
+@register("eigengradcam", over_maps=True, smooth=_grad_times_activation, needs_gradients=True)
 def eigengradcam(activations: Tensor, gradients: Tensor) -> Tensor:
     """Eigen-Grad-CAM: ReLU of the first principal component of ``g * A``."""
     return first_component(_grad_times_activation(activations, gradients)).relu()
 
 
-@register("eigencam", uses_gradients=False, weighted=_activation)
+@register("eigencam", over_maps=True, smooth=_activation)
 def eigencam(activations: Tensor, gradients: None) -> Tensor:
     """Eigen-CAM (Muhammad & Yeasin, 2020): ReLU of the first principal component of ``A``.
 

@@ -20,163 +20,42 @@ forward, which does not keep the block inputs.
 
 from __future__ import annotations
 
-import operator
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
-from typing import Any
 
 import torch
-import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..graph import Graph, split, trace
-from ..model import _state_key
-from ._registry import Context, register
-
-_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+from ..gradients import target_gradients
+from ..rewrites import AttentionBlock, attention_blocks
+from ._registry import Context, MethodOptions, register
 
 
-@dataclass
-class _Block:
-    """One transformer block split around its self-attention.
+@dataclass(frozen=True)
+class LegradOptions(MethodOptions):
+    """``prefix_tokens``: keys dropped before the grid (default 1, the class token);
+    ``projection``: tokens (B, T, D) -> logits (B, N) (default: torchvision's ViT head)."""
 
-    Attributes:
-        attention: the block's ``nn.MultiheadAttention``.
-        query: ``x -> (query, ...)``: the block up to the attention's input.
-        trunk: ``x -> (a, *extras)``: the block up to the attention's output ``a``.
-        tail: ``(a, *extras) -> tokens``: the rest of the block.
-    """
+    prefix_tokens: int = 1
+    projection: Callable[[Tensor], Tensor] | None = None
 
-    attention: nn.MultiheadAttention
-    query: fx.GraphModule
-    trunk: fx.GraphModule
-    tail: fx.GraphModule
-
-
-def _attention_child(module: nn.Module) -> nn.MultiheadAttention | None:
-    return next((m for m in module.children() if isinstance(m, nn.MultiheadAttention)), None)
-
-
-def _cached(model: nn.Module, key: Any, build: Callable[[], Any]) -> Any:
-    """``build()``, once per model, train/eval mode, device and dtype."""
-    per_model = _CACHE.setdefault(model, {})
-    key = (_state_key(model), key)
-    if key not in per_model:
-        per_model[key] = build()
-    return per_model[key]
-
-
-def _graph(model: nn.Module) -> Graph:
-    graph, notes = trace(model)
-    if graph is None:
-        raise ValueError("legrad needs a model torch.fx can trace: " + "; ".join(notes))
-    return graph
-
-
-def _block_of(modules: dict[str, nn.Module], name: str) -> str | None:
-    """The innermost module that is or holds ``name`` and has an attention child."""
-    parts = name.split(".")
-    prefixes = (".".join(parts[:i]) for i in range(len(parts), 0, -1))
-    return next((p for p in prefixes if p in modules and _attention_child(modules[p])), None)
-
-
-def _blocks(model: nn.Module, graph: Graph, layer: str) -> list[str]:
-    """The names of the block holding the target layer and of every later block.
-
-    ``layer`` is the engine's name for the target, the outermost module computing it (the last
-    block's output is named ``encoder.layers``), so every name of its graph node is tried. A
-    block is a module with an ``nn.MultiheadAttention`` child; its siblings in the enclosing
-    ``nn.Sequential`` (torchvision's ``encoder.layers``) run one after the other.
-    """
-    modules = dict(model.named_modules())
-    node = graph.names.get(layer)
-    aliases = [layer, *(name for name, n in graph.names.items() if n is node)]
-    block = next((b for b in (_block_of(modules, a) for a in aliases) if b), None)
-    if block is None:
-        raise ValueError(
-            f"legrad needs a vision transformer: target layer {layer!r} is not in a block with an "
-            "nn.MultiheadAttention child (torchvision VisionTransformer's "
-            "'encoder.layers.encoder_layer_<i>'); pass one of its blocks or a layer inside one"
-        )
-    parent, _, child = block.rpartition(".")
-    container = modules[parent] if parent else model
-    if not isinstance(container, nn.Sequential):
-        raise ValueError(f"legrad chains the blocks of an nn.Sequential; {parent!r} is not one")
-    names = list(dict(container.named_children()))
-    later = [f"{parent}.{name}" if parent else name for name in names[names.index(child) :]]
-    if any(_attention_child(modules[name]) is None for name in later):
-        raise ValueError(f"every module of {parent!r} after {block!r} must be an attention block")
-    return later
-
-
-def _entry(graph: Graph, block: str) -> fx.GraphModule:
-    """``x -> (tokens, ...)``: the model up to the input of ``block``."""
-    inside = {n for name, n in graph.names.items() if name.startswith(block + ".")}
-    entry = {i for n in inside for i in n.all_input_nodes if i not in inside and i.op != "get_attr"}
-    if len(entry) != 1:
-        raise ValueError(f"cannot find the single input of block {block!r}")
-    return split(graph, entry.pop()).trunk
-
-
-def _check_attention(attention: nn.MultiheadAttention, name: str) -> None:
-    """torchcam's conditions: batch-first, packed Q/K/V projections, no added keys, no dropout."""
-    if not attention.batch_first or attention.in_proj_weight is None:
-        raise ValueError(f"legrad needs {name}'s attention batch-first with packed Q/K/V weights")
-    if attention.bias_k is not None or attention.add_zero_attn:
-        raise ValueError(f"legrad does not support added attention keys in {name}")
-    if attention.training and attention.dropout > 0:
-        raise ValueError("legrad does not support active attention dropout: call model.eval()")
-
-
-def _split_block(block: nn.Module, name: str) -> _Block:
-    graph, notes = trace(block)
-    if graph is None:
-        raise ValueError(f"legrad needs torch.fx to trace block {name!r}: " + "; ".join(notes))
-    attention = _attention_child(block)
-    modules = dict(graph.module.named_modules())
-    calls = [
-        n
-        for n in graph.module.graph.nodes
-        if n.op == "call_module" and modules.get(str(n.target)) is attention
-    ]
-    if len(calls) != 1 or len({*calls[0].args[:3]}) != 1:
-        raise ValueError(f"legrad needs one self-attention call (query = key = value) in {name!r}")
-    (call,) = calls
-    output = next((u for u in call.users if u.target is operator.getitem and u.args[1] == 0), None)
-    if output is None:
-        raise ValueError(f"{name!r} does not use its attention's output")
-    cut = split(graph, output)
-    return _Block(attention, split(graph, call.args[0]).trunk, cut.trunk, cut.head)
-
-
-def _parts(ctx: Context) -> tuple[fx.GraphModule, list[_Block]]:
-    """The model up to the first block's input, and each block split (cached)."""
-    model = ctx.model
-    graph = _cached(model, ("graph",), lambda: _graph(model))
-    names = _blocks(model, graph, ctx.cam_model.target_layer)
-    modules = dict(model.named_modules())
-    for name in names:
-        _check_attention(_attention_child(modules[name]), name)
-    blocks = [
-        _cached(model, ("block", name), partial(_split_block, modules[name], name))
-        for name in names
-    ]
-    return _cached(model, ("entry", names[0]), partial(_entry, graph, names[0])), blocks
+    def __post_init__(self) -> None:
+        prefix = self.prefix_tokens
+        if not isinstance(prefix, int) or isinstance(prefix, bool) or prefix < 0:
+            raise ValueError(f"prefix_tokens must be a non-negative int, got {prefix!r}")
+        if self.projection is not None and not callable(self.projection):
+            raise ValueError("legrad's projection must be a function tokens (B, T, D) -> (B, N)")
 
 
 def _projection(ctx: Context) -> Callable[[Tensor], Tensor]:
     """``tokens (B, T, D) -> logits (B, N)``: ``method_options["projection"]``, else torchcam's
     for torchvision's ``VisionTransformer``: ``heads(encoder.ln(tokens.mean(1)))``."""
-    projection = ctx.options.get("projection")
-    if projection is not None:
-        if not callable(projection):
-            raise ValueError("legrad's projection must be a function tokens (B, T, D) -> (B, N)")
-        return projection
-    norm = getattr(getattr(ctx.model, "encoder", None), "ln", None)
-    heads = getattr(ctx.model, "heads", None)
+    if ctx.options.projection is not None:
+        return ctx.options.projection
+    model = ctx.split.model
+    norm = getattr(getattr(model, "encoder", None), "ln", None)
+    heads = getattr(model, "heads", None)
     if not isinstance(norm, nn.Module) or not isinstance(heads, nn.Module):
         raise ValueError(
             "legrad scores each block through the classifier: for models other than torchvision's "
@@ -186,15 +65,13 @@ def _projection(ctx: Context) -> Callable[[Tensor], Tensor]:
 
 
 def _relevance(
-    ctx: Context, block: _Block, tokens: Tensor, project: Callable[[Tensor], Tensor]
+    ctx: Context, block: AttentionBlock, tokens: Tensor, project: Callable[[Tensor], Tensor]
 ) -> tuple[Tensor, Tensor]:
     """One block: ``mean over heads and queries of relu(dS/dP)`` (B, K, T) and its output tokens.
 
     Args:
         tokens: (B, T, D) the block's input.
     """
-    from ..engine import target_gradients  # the engine imports the methods: import on use
-
     attention, rows = block.attention, torch.arange(tokens.shape[0], device=tokens.device)
     with torch.no_grad():
         query = block.query(tokens)[0]
@@ -214,7 +91,7 @@ def _relevance(
         return d_probs.relu().mean(dim=(2, 3)), out.detach()
 
 
-@register("legrad", uses_gradients=False, needs_context=True, two_d_only=True)
+@register("legrad", options=LegradOptions, two_d_only=True)
 def legrad(ctx: Context) -> Tensor:
     """LeGrad over the block holding the target layer and every later block.
 
@@ -228,10 +105,8 @@ def legrad(ctx: Context) -> Tensor:
     Returns:
         (B, K, h, w) on the target layer's token grid, non-negative.
     """
-    prefix = ctx.options.get("prefix_tokens", 1)
-    if not isinstance(prefix, int) or prefix < 0:
-        raise ValueError(f"prefix_tokens must be a non-negative int, got {prefix!r}")
-    entry, blocks = _parts(ctx)
+    prefix = ctx.options.prefix_tokens
+    entry, blocks = attention_blocks(ctx.split.model, ctx.split.target_layer)
     project = _projection(ctx)
     with torch.no_grad():
         tokens = entry(ctx.x)[0]

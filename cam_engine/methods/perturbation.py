@@ -16,7 +16,7 @@ def _chunks(total: int, size: int, device: torch.device):
         yield torch.arange(start, min(start + size, total), device=device)
 
 
-@register_weights("scorecam", uses_gradients=False, needs_context=True)
+@register_weights("scorecam")
 def scorecam(ctx: Context) -> Tensor:
     """Score-CAM (Wang et al., 2020): channel weights from the scores of masked inputs.
 
@@ -42,12 +42,12 @@ def scorecam(ctx: Context) -> Tensor:
             lo = masks.flatten(1).amin(1).view(-1, *[1] * (masks.ndim - 1))
             hi = masks.flatten(1).amax(1).view_as(lo)
             masks = (masks - lo) / (hi - lo + 1e-8)
-            out = ctx.predict(x[rows] * masks)
+            out = ctx.split.predict(x[rows] * masks)
             scores.append(ctx.scores(out, rows))
     return torch.cat(scores).view(batch, channels, -1).softmax(dim=1).transpose(1, 2)
 
 
-@register_weights("ablationcam", uses_gradients=False, needs_context=True)
+@register_weights("ablationcam")
 def ablationcam(ctx: Context) -> Tensor:
     """Ablation-CAM (Desai & Ramaswamy, 2020): ``w_k = (s - s_k) / s``, ``s_k`` the score with
     channel k of ``A`` ablated.
@@ -70,14 +70,12 @@ def ablationcam(ctx: Context) -> Tensor:
     batch, channels = a.shape[:2]
     lo = native.flatten(1).amin(1)
     value = torch.where(lo == 0, torch.zeros_like(lo), lo - ABLATION_OFFSET)  # (B,)
-    original = ctx.scores(ctx.logits, torch.arange(batch, device=a.device))  # (B, K)
-    if ctx.gap is not None and native.shape == a.shape:
-        rows = ctx.gap.weight.detach().to(a.dtype)[ctx.classes]  # (B, K, C)
+    original = ctx.scores(ctx.logits, ctx.rows)  # (B, K)
+    if ctx.closed_form is not None and native.shape == a.shape:
+        rows = ctx.closed_form.weight.detach().to(a.dtype)[ctx.classes]  # (B, K, C)
         change = a.flatten(2).mean(-1) - value[:, None]  # (B, C)
         ablated = original[..., None] - rows * change[:, None]
     else:
-        if ctx.head is None:
-            raise ValueError("ablationcam needs a traced split (torch.fx / torch.export) to rerun")
         channel_dim = 1 if native.shape == a.shape else native.ndim - 1
         scores = []
         for idx in _chunks(batch * channels, ctx.batch_size, a.device):
@@ -86,6 +84,7 @@ def ablationcam(ctx: Context) -> Tensor:
             maps[torch.arange(len(idx), device=a.device), chans] = (
                 value[rows].view(-1, *[1] * (maps.ndim - 2)).to(maps.dtype)
             )
-            scores.append(ctx.scores(ctx.head(maps.movedim(1, channel_dim), rows), rows))
+            out = ctx.split.head(maps.movedim(1, channel_dim), rows)
+            scores.append(ctx.scores(out, rows))
         ablated = torch.cat(scores).view(batch, channels, -1).transpose(1, 2)
     return (original[..., None] - ablated) / original[..., None]

@@ -7,16 +7,57 @@ trunk runs once, and the backward still stops at the target map.
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
+from ..gradients import target_gradients
 from ..layers import gradients_to_nchw
-from ._registry import Context, get, register, register_weights, spatial_mean
+from ._registry import (
+    Context,
+    Method,
+    MethodOptions,
+    check_number,
+    get,
+    register,
+    register_weights,
+    spatial_mean,
+)
 
 FINER_COMPARISONS = (1, 2, 3)  # pytorch-grad-cam's DEFAULT_COMPARISON_CATEGORIES
 
 
-@register_weights("shapleycam", uses_gradients=False, needs_context=True, needs_head_graph=True)
+@dataclass(frozen=True)
+class FinerOptions(MethodOptions):
+    """Finer-CAM's ``alpha`` (>= 0, default 1), comparison ``comparisons`` (distinct ranks >= 1,
+    default (1, 2, 3)) and ``base`` method (a gradient method over (A, G), default Grad-CAM)."""
+
+    alpha: float = 1.0
+    comparisons: tuple[int, ...] = FINER_COMPARISONS
+    base: str = "gradcam"
+
+    def __post_init__(self) -> None:
+        check_number("alpha", self.alpha)
+        if self.alpha < 0:
+            raise ValueError(f"alpha must be >= 0, got {self.alpha!r}")
+        ranks = self.comparisons
+        if isinstance(ranks, int | str) or not all(
+            isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in ranks
+        ):
+            raise ValueError(f"comparisons must be a sequence of int ranks >= 1, got {ranks!r}")
+        if not ranks or len(set(ranks)) != len(ranks):
+            raise ValueError(f"comparisons must be distinct ranks, at least one, got {ranks!r}")
+        object.__setattr__(self, "comparisons", tuple(ranks))
+        base = get(self.base)
+        if not base.needs_gradients or base.needs_gap_head or base.smooth is None:
+            raise ValueError(
+                f"finercam's base must be a gradient method over (A, G), not {base.name!r}"
+            )
+
+
+@register_weights("shapleycam", needs_head_graph=True)
 def shapleycam(ctx: Context) -> Tensor:
     """ShapleyCAM (Cai et al., 2025): ``w = mean over positions of (g - H A / 2)``, ``g`` = dS/dA,
     ``H A`` the Hessian of the score with respect to ``A`` times ``A``.
@@ -28,10 +69,9 @@ def shapleycam(ctx: Context) -> Tensor:
     Returns:
         weights (B, K, C).
     """
-    features, output = ctx.head_graph
-    rows = torch.arange(ctx.x.shape[0], device=ctx.x.device)
+    features, output = ctx.head_graph.features, ctx.head_graph.output
     with torch.enable_grad():
-        scores = ctx.scores(output, rows)
+        scores = ctx.scores(output, ctx.rows)
         terms = []
         for k in range(scores.shape[1]):
             (g,) = torch.autograd.grad(scores[:, k].sum(), features, create_graph=True)
@@ -45,16 +85,15 @@ def shapleycam(ctx: Context) -> Tensor:
                     materialize_grads=True,
                 )
             terms.append((g - 0.5 * hvp).detach())
-    return spatial_mean(
-        gradients_to_nchw(torch.stack(terms, 1), ctx.reshape, tuple(ctx.x.shape[2:]))
-    )
+    return spatial_mean(gradients_to_nchw(torch.stack(terms, 1), ctx.reshape, ctx.image_size))
 
 
 def finer_scores(logits: Tensor, classes: Tensor, alpha: float, comparisons) -> Tensor:
     """pytorch-grad-cam's ``FinerWeightedTarget`` for every explained class.
 
     For class ``c`` the comparison classes ``d_j`` are those whose logits rank ``comparisons``
-    (default 1, 2, 3) by distance to ``y_c`` (rank 0 being ``c``); the score is
+    (default 1, 2, 3) by distance to ``y_c`` (rank 0 being ``c``; ranks past the last class are
+    dropped, as both peers clamp them); the score is
     ``sum_j p_j (y_c - alpha y_{d_j}) / (sum_j p_j + 1e-9)`` with ``p = softmax(logits)``
     (differentiated too, as in pytorch-grad-cam).
 
@@ -67,9 +106,10 @@ def finer_scores(logits: Tensor, classes: Tensor, alpha: float, comparisons) -> 
     """
     if (classes < 0).any():
         raise ValueError("finercam needs class-id targets, not score functions")
-    ranks = torch.as_tensor(comparisons, device=logits.device)
-    if int(ranks.max()) >= logits.shape[1] or int(ranks.min()) < 1:
+    kept = [r for r in comparisons if 1 <= r < logits.shape[1]]
+    if not kept:
         raise ValueError(f"comparison ranks {comparisons} need 1 <= rank < {logits.shape[1]}")
+    ranks = torch.as_tensor(kept, device=logits.device)
     target = logits.gather(1, classes)  # (B, K)
     distance = (logits.detach()[:, None] - target.detach()[..., None]).abs()  # (B, K, N)
     distance.scatter_(2, classes[..., None], -1.0)  # the target itself is rank 0
@@ -80,48 +120,31 @@ def finer_scores(logits: Tensor, classes: Tensor, alpha: float, comparisons) -> 
     return numerator / (probs.sum(-1) + 1e-9)
 
 
-def _finer_inputs(ctx: Context) -> tuple[Tensor, Tensor]:
-    from ..engine import target_gradients  # the engine imports the methods: import on use
-
-    features, output = ctx.head_graph
+def _finer_context(ctx: Context) -> tuple[Method, Context]:
+    """The base method and its context: the gradients of :func:`finer_scores` in place of the
+    explained scores' (the head's graph is kept for it)."""
+    opts, record = ctx.options, ctx.head_graph
     with torch.enable_grad():
-        scores = finer_scores(
-            output,
-            ctx.classes,
-            ctx.options.get("alpha", 1.0),
-            ctx.options.get("comparisons", FINER_COMPARISONS),
-        )
-        grads = target_gradients(scores, features)
-    return ctx.activations, gradients_to_nchw(grads, ctx.reshape, tuple(ctx.x.shape[2:]))
+        scores = finer_scores(record.output, ctx.classes, opts.alpha, opts.comparisons)
+        grads = target_gradients(scores, record.features)
+    grads = gradients_to_nchw(grads, ctx.reshape, ctx.image_size)
+    base = get(opts.base)
+    return base, dataclasses.replace(ctx, gradients=grads, options=base.options())
 
 
-def _finer_base(ctx: Context):
-    base = get(ctx.options.get("base", "gradcam"))
-    if base.needs_context or not base.uses_gradients or base.needs_gap_head:
-        raise ValueError(
-            f"finercam's base must be a gradient method over (A, G), not {base.name!r}"
-        )
-    return base
+def _finer_smooth(ctx: Context) -> Tensor:
+    base, inner = _finer_context(ctx)
+    return base.smooth(inner)
 
 
-def _finer_weighted(ctx: Context) -> Tensor:
-    return _finer_base(ctx).weighted(*_finer_inputs(ctx))
-
-
-@register(
-    "finercam",
-    uses_gradients=False,
-    needs_context=True,
-    needs_head_graph=True,
-    weighted=_finer_weighted,
-)
+@register("finercam", options=FinerOptions, needs_head_graph=True, smooth=_finer_smooth)
 def finercam(ctx: Context) -> Tensor:
-    """Finer-CAM (Zhang et al., 2025): a base method (``ctx.options["base"]``, default
-    ``"gradcam"``) on the gradient of :func:`finer_scores` instead of the class score, which
-    subtracts the closest-scoring classes to bring out what tells the target apart from them.
-    Options: ``alpha`` (default 1), ``comparisons`` (ranks, default (1, 2, 3)), ``base``.
+    """Finer-CAM (Zhang et al., 2025): a base method on the gradient of :func:`finer_scores`
+    instead of the class score, which subtracts the closest-scoring classes to bring out what
+    tells the target apart from them. Options: :class:`FinerOptions`.
 
     Returns:
         (B, K, *s).
     """
-    return _finer_base(ctx).fn(*_finer_inputs(ctx))
+    base, inner = _finer_context(ctx)
+    return base.run(inner).cams

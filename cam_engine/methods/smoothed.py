@@ -1,35 +1,76 @@
 """Averaged-over-samples methods of torchcam 0.5: Smooth Grad-CAM++, SS-CAM and IS-CAM.
 
-Options (``CAMEngine(method_options=...)``): ``num_samples``, ``std`` (noise), and ``generator``
-(a ``torch.Generator`` on the input's device) to make the noise reproducible; without one the
-global RNG is used. The noise is drawn in the input's dtype, one ``torch.randn`` call per pass
-(Smooth Grad-CAM++: the (B, C, H, W) input noise; SS-CAM: the (n, 1, H, W) mask noise of each
-chunk of ``batch_size`` masks).
+Options (``CAMEngine(method_options=...)``, :class:`NoiseOptions`): ``num_samples``, ``std``
+(noise), and ``generator`` (a ``torch.Generator`` on the input's device) to make the noise
+reproducible; without one the global RNG is used. The noise is drawn in the input's dtype, one
+``torch.randn`` call per pass (Smooth Grad-CAM++: the (B, C, H, W) input noise; SS-CAM: the
+(n, 1, H, W) mask noise of each chunk of ``batch_size`` masks).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from itertools import accumulate
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..gradients import explained_gradients
 from ..layers import gradients_to_nchw, to_nchw
-from ._registry import Context, register, register_weights, spatial_sum, weighted_sum
+from ._registry import (
+    Context,
+    MethodOptions,
+    check_count,
+    check_number,
+    register,
+    register_weights,
+    spatial_sum,
+    weighted_sum,
+)
 from .perturbation import _chunks
+
+
+@dataclass(frozen=True)
+class NoiseOptions(MethodOptions):
+    """``num_samples`` noisy passes, noise ``std``, and a ``generator`` for reproducible noise."""
+
+    num_samples: int = 4
+    std: float = 0.3
+    generator: torch.Generator | None = None
+
+    def __post_init__(self) -> None:
+        check_count("num_samples", self.num_samples)
+        check_number("std", self.std)
+        if self.generator is not None and not isinstance(self.generator, torch.Generator):
+            raise ValueError(f"generator must be a torch.Generator, got {self.generator!r}")
+
+
+@dataclass(frozen=True)
+class SSCamOptions(NoiseOptions):
+    """SS-CAM's defaults: 35 passes, mask noise std 2."""
+
+    num_samples: int = 35
+    std: float = 2.0
+
+
+@dataclass(frozen=True)
+class ISCamOptions(MethodOptions):
+    """IS-CAM's ``num_samples`` (default 10) integration steps."""
+
+    num_samples: int = 10
+
+    def __post_init__(self) -> None:
+        check_count("num_samples", self.num_samples)
 
 
 def _noise(ctx: Context, shape: tuple[int, ...], std: float) -> Tensor:
     x = ctx.x
-    return (
-        torch.randn(shape, generator=ctx.options.get("generator"), dtype=x.dtype, device=x.device)
-        * std
-    )
+    return torch.randn(shape, generator=ctx.options.generator, dtype=x.dtype, device=x.device) * std
 
 
-@register("smoothgradcam++", uses_gradients=False, needs_context=True)
+@register("smoothgradcam++", options=NoiseOptions)
 def smoothgradcam_plus_plus(ctx: Context) -> Tensor:
     """Smooth Grad-CAM++ (Omeiza et al., 2019) as torchcam 0.5's ``SmoothGradCAMpp`` computes it.
 
@@ -44,20 +85,14 @@ def smoothgradcam_plus_plus(ctx: Context) -> Tensor:
     Returns:
         (B, K, *s).
     """
-    x, size = ctx.x, tuple(ctx.x.shape[2:])
-    from ..engine import target_gradients  # the engine imports the methods: import on use
-
-    rows = torch.arange(x.shape[0], device=x.device)
-    samples, std = ctx.options.get("num_samples", 4), ctx.options.get("std", 0.3)
+    x, size = ctx.x, ctx.image_size
+    samples, std = ctx.options.num_samples, ctx.options.std
     g2 = g3 = 0
     for _ in range(samples):
         noisy = x + _noise(ctx, tuple(x.shape), std)
-        features, output, gap = ctx.cam_model.explain_forward(noisy, ctx.gap is not None)
-        if gap is not None and ctx.gap is not None:
-            grads = gap.gradients(ctx.classes, features)
-        else:
-            with torch.enable_grad():
-                grads = target_gradients(ctx.scores(output, rows), features)
+        record = ctx.split.record(noisy, closed_form=ctx.closed_form is not None)
+        with torch.enable_grad():
+            grads = explained_gradients(record, ctx.targets)
         with torch.no_grad():
             grads = gradients_to_nchw(grads, ctx.reshape, size)
             g2, g3 = g2 + grads.pow(2), g3 + grads.pow(3)
@@ -65,7 +100,7 @@ def smoothgradcam_plus_plus(ctx: Context) -> Tensor:
         g2, g3 = g2 / samples, g3 / samples
         alpha = g2 / (2 * g2 + spatial_sum(g3 * ctx.activations[:, None], 3) + 1e-8)
         weights = (alpha * grads.relu()).sum(dim=tuple(range(3, alpha.ndim)))
-        last = to_nchw(features.detach(), ctx.reshape, size)
+        last = to_nchw(record.features.detach(), ctx.reshape, size)
         return weighted_sum(weights, last).relu()
 
 
@@ -92,7 +127,7 @@ def _mask_weights(
     batch, channels = a.shape[:2]
     low = _normalize(a)
     mode = "bilinear" if a.ndim == 4 else "trilinear"
-    baseline = ctx.scores(ctx.logits, torch.arange(batch, device=x.device))  # (B, K)
+    baseline = ctx.scores(ctx.logits, ctx.rows)  # (B, K)
     total = 0
     with torch.no_grad():
         for n in range(passes):
@@ -100,13 +135,13 @@ def _mask_weights(
             for idx in _chunks(batch * channels, ctx.batch_size, x.device):
                 rows, chans = idx // channels, idx % channels
                 masks = F.interpolate(low[rows, chans][:, None], x.shape[2:], mode=mode)
-                out = ctx.predict(masked(n, x[rows], masks))
+                out = ctx.split.predict(masked(n, x[rows], masks))
                 scores.append(ctx.scores(out, rows) - baseline[rows])
             total = total + torch.cat(scores)
     return (total / passes).view(batch, channels, -1).softmax(dim=1).transpose(1, 2)
 
 
-@register_weights("sscam", uses_gradients=False, needs_context=True)
+@register_weights("sscam", options=SSCamOptions)
 def sscam(ctx: Context) -> Tensor:
     """SS-CAM (Wang et al., 2020) as torchcam 0.5's ``SSCAM``: Score-CAM weights averaged over
     ``num_samples`` (default 35) passes whose upsampled masks get ``N(0, std^2)`` noise (``std``
@@ -115,15 +150,15 @@ def sscam(ctx: Context) -> Tensor:
     Returns:
         weights (B, K, C).
     """
-    std = ctx.options.get("std", 2.0)
+    std = ctx.options.std
 
     def masked(_: int, images: Tensor, masks: Tensor) -> Tensor:
         return images * (masks + _noise(ctx, tuple(masks.shape), std))
 
-    return _mask_weights(ctx, ctx.options.get("num_samples", 35), masked)
+    return _mask_weights(ctx, ctx.options.num_samples, masked)
 
 
-@register_weights("iscam", uses_gradients=False, needs_context=True)
+@register_weights("iscam", options=ISCamOptions)
 def iscam(ctx: Context) -> Tensor:
     """IS-CAM (Naidu et al., 2020) as torchcam 0.5's ``ISCAM``: Score-CAM weights averaged over
     ``num_samples`` (default 10) passes; pass ``i`` (from 0) scales the masked input by torchcam's
@@ -132,7 +167,7 @@ def iscam(ctx: Context) -> Tensor:
     Returns:
         weights (B, K, C).
     """
-    samples = ctx.options.get("num_samples", 10)
+    samples = ctx.options.num_samples
     coeffs = list(accumulate((j + 1) / samples for j in range(samples)))
 
     def masked(n: int, images: Tensor, masks: Tensor) -> Tensor:
