@@ -22,7 +22,7 @@ from .gradients import ForwardRecord, explained_gradients, forward_record
 from .layers import Reshape, gradients_to_nchw, to_nchw
 from .methods import Context, Method, MethodOptions, first_component
 from .model import CAMModel, select_output
-from .targets import Resolved, Target, Targets, resolve
+from .targets import Resolved, Targets, is_class_ids, resolve
 
 __all__ = ["CAMResult", "LayerMaps", "LayerExplainer", "check_images", "finish", "STAGES"]
 
@@ -100,13 +100,6 @@ def check_images(x: Tensor, check_finite: bool = True, volumes: bool = False) ->
         raise ValueError(f"expected floating-point images, got {x.dtype}; normalise them first")
     if check_finite and not torch.isfinite(x).all():
         raise ValueError("x contains NaN or inf values")
-
-
-def is_class_ids(targets: Targets | Resolved) -> bool:
-    """Whether ``targets`` are class ids (one-hot scores: the fast gradient paths apply)."""
-    if isinstance(targets, Resolved):
-        return targets.one_hot
-    return not (isinstance(targets, Target) or callable(targets))
 
 
 class _SplitAccess:

@@ -3,7 +3,8 @@
 Every function is pure torch and batched: it runs on the tensors' device, has no Python loop over
 images and never synchronises with the host. The library's rule for heatmaps is to upsample the
 ReLU'd low-resolution map to the input size (bilinear, half-pixel centres, i.e.
-``align_corners=False``) and then min-max normalise each full-resolution map to [0, 1].
+``align_corners=False``) and then min-max normalise each full-resolution map to [0, 1], a map that
+is flat up to float rounding becoming all zeros.
 """
 
 from __future__ import annotations
@@ -55,30 +56,49 @@ def upsample(cams: Tensor, size: int | Sequence[int]) -> Tensor:
     return F.interpolate(cams, size=size, mode=mode, align_corners=False)
 
 
-def normalize(maps: Tensor) -> Tensor:
-    """Min-max normalise each map to [0, 1] over its spatial dims.
+# A map whose range is within this many ulps of its magnitude is flat: a constant map comes out of
+# bilinear (trilinear) resizing within a few rounding errors of its value either way (each output
+# is 4 (8) rounded products and sums; 3.3 ulps measured on 1x1 .. 14x14 maps to 513x513), and
+# averaging such maps (aug_smooth, layer fusion) adds one or two more. Real contrast that small is
+# below what the dtype resolves.
+_FLAT_ULPS = 16
+
+
+def normalize(maps: Tensor, *, eps: float | None = None) -> Tensor:
+    """Min-max normalise each map to [0, 1].
 
     ``(m - min) / (max - min)`` with no epsilon, so maps of any magnitude (1e-13 included) reach
-    exactly 0 and 1; a flat map (max == min) becomes all zeros. NaNs are not checked for.
-    float16 / bfloat16 maps are computed in float32 and cast back.
+    exactly 0 and 1. A map is flat, and becomes all zeros, when its range is within float rounding
+    of its magnitude: ``max - min <= 16 * finfo(maps.dtype).eps * max(|min|, |max|)`` (a constant
+    map resized bilinearly keeps ripples of a few ulps, which min-max would stretch to [0, 1]).
+    The test is relative, so a low-magnitude map with real contrast still spans [0, 1].
+    NaN and inf are not checked for. float16 / bfloat16 maps are computed in float32 and cast back.
 
     Args:
-        maps: (B, K, *spatial) floating point, at least one spatial dim.
+        maps: (B, K, *spatial) with at least one spatial dim, each (B, K) entry one map; a tensor
+            of rank 1 or 2 is one map, e.g. a lone (H, W) heatmap. Floating point.
+        eps: ``None`` for the rule above. A float gives ``(m - min) / (max - min + eps)`` instead,
+            with no flat rule: the formula of pytorch-grad-cam (``1e-7``) and torchcam (``1e-8``),
+            only for parity with them (it crushes low-magnitude maps towards 0).
 
     Returns:
-        (B, K, *spatial), same dtype and device as ``maps``.
+        The shape, dtype and device of ``maps``.
     """
-    if maps.ndim < 3:
-        raise ValueError(f"maps must be (B, K, *spatial), got shape {tuple(maps.shape)}")
+    if maps.ndim == 0:
+        raise ValueError("maps must have at least one dim: (H, W), (B, K, H, W), ...")
     if not maps.is_floating_point():
         raise ValueError(f"maps must be floating point, got {maps.dtype}")
     work = maps.float() if maps.dtype in _HALF_DTYPES else maps
-    flat = work.flatten(2)
+    flat = work.flatten(2) if maps.ndim >= 3 else work.reshape(1, 1, -1)
     lo, hi = torch.aminmax(flat, dim=-1, keepdim=True)
     span = hi - lo
-    # A flat map has span 0 and m - lo == 0 everywhere: dividing by 1 gives zeros.
-    out = (flat - lo) / torch.where(span > 0, span, torch.ones_like(span))
-    return out.view(maps.shape).to(maps.dtype)
+    if eps is None:
+        noise = _FLAT_ULPS * torch.finfo(maps.dtype).eps * torch.maximum(lo.abs(), hi.abs())
+        # Dividing by inf turns a flat map's ripples into exact zeros.
+        span = torch.where(span > noise, span, torch.inf)
+    else:
+        span = span + eps
+    return ((flat - lo) / span).view(maps.shape).to(maps.dtype)
 
 
 def heatmaps(cams: Tensor, size: int | Sequence[int]) -> Tensor:
@@ -89,7 +109,8 @@ def heatmaps(cams: Tensor, size: int | Sequence[int]) -> Tensor:
         size: output spatial size (H, W) (or (D, H, W)).
 
     Returns:
-        (B, K, H, W) in [0, 1]; float64 for float64 ``cams``, float32 otherwise.
+        (B, K, H, W) in [0, 1] (flat maps all zeros, see :func:`normalize`); float64 for float64
+        ``cams``, float32 otherwise.
     """
     dtype = torch.float64 if cams.dtype == torch.float64 else torch.float32
     return normalize(upsample(cams.to(dtype), size))

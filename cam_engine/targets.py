@@ -3,9 +3,9 @@
 ``targets`` accepted by :class:`cam_engine.CAMEngine`:
 
 - ``None``: the top-1 predicted class of each image;
-- an ``int``: that class for every image;
-- a sequence or 1-D tensor of length B: one class per image;
-- a (B, K) integer tensor: K classes per image;
+- an ``int`` (a NumPy integer, a 0-d integer tensor): that class for every image;
+- a sequence, NumPy array or tensor of integers, (B,): one class per image, or (B, K): K classes
+  per image (bools and floats are refused, not read as class ids);
 - :class:`TopK` / :class:`BottomK`: the k highest / lowest scoring classes;
 - a score target: :class:`SoftmaxScore`, :class:`BinaryScore`, :class:`SegmentationScore`, or
   any function ``output -> scores (B, K)`` (or (B,)) of the model's (selected) output.
@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -32,6 +33,7 @@ __all__ = [
     "SegmentationScore",
     "Targets",
     "Resolved",
+    "is_class_ids",
     "resolve",
     "resolve_classes",
 ]
@@ -166,25 +168,63 @@ class _ScoreFunction(Target):
                     "a score function must map the output to scores (B, K) or (B,), got "
                     f"{getattr(got, 'shape', type(got).__name__)} for a batch of {out.shape[0]}"
                 )
-            return got.reshape(out.shape[0], -1)
+            got = got.reshape(out.shape[0], -1)
+            _check_finite(got, rows)
+            return got
 
         k = scores(output, torch.arange(output.shape[0], device=output.device)).shape[1]
         classes = torch.full((output.shape[0], k), -1, dtype=torch.long, device=output.device)
         return Resolved(classes, scores, False)
 
 
-Targets = None | int | Sequence[int] | Tensor | TopK | BottomK | Target | Callable[[Tensor], Tensor]
+def _check_finite(scores: Tensor, rows: Tensor) -> None:
+    """Refuse NaN / inf scores (n, K) of images ``rows``: their gradients make all-NaN maps."""
+    bad = ~torch.isfinite(scores.detach())
+    if bad.any():
+        row, k = (int(i) for i in bad.nonzero()[0])
+        count = int(bad.sum())
+        raise ValueError(
+            f"the score function returned {count} non-finite score{'s' if count > 1 else ''} "
+            f"({float(scores[row, k])} for image {int(rows[row])}, target {k}"
+            f"{', the first' if count > 1 else ''}); scores must be finite"
+        )
+
+
+Targets = (
+    None
+    | int
+    | Sequence[int]
+    | np.ndarray
+    | Tensor
+    | TopK
+    | BottomK
+    | Target
+    | Callable[[Tensor], Tensor]
+)
+
+
+def is_class_ids(targets: Targets | Resolved) -> bool:
+    """Whether ``targets`` select class ids, whose scores are entries of the logits: their
+    gradient is a one-hot ``grad_outputs`` (or, on global-average-pool -> linear heads, the closed
+    form). False for score targets (a :class:`Target` or a function). A :class:`Resolved` says
+    it with ``one_hot``. Class ids that are malformed are still class ids here;
+    :func:`resolve_classes` refuses them.
+    """
+    if isinstance(targets, Resolved):
+        return targets.one_hot
+    return not (isinstance(targets, Target) or callable(targets))
 
 
 def resolve(targets: Targets, output: Tensor) -> Resolved:
     """Bind ``targets`` to a batch's model output (detached: only classes are read here).
 
     A plain function is applied to the whole output of each batch, so it must not depend on
-    which images the rows are (subclass :class:`Target` for per-image targets).
+    which images the rows are (subclass :class:`Target` for per-image targets). Its scores must be
+    finite (``ValueError`` otherwise).
     """
     if isinstance(targets, Target):
         return targets.resolve(output)
-    if callable(targets) and not isinstance(targets, Tensor):
+    if not is_class_ids(targets):
         return _ScoreFunction(targets).resolve(output)
     if output.ndim != 2:
         raise ValueError(
@@ -203,41 +243,74 @@ def _ranked(logits: Tensor, k: int, largest: bool) -> Tensor:
     return logits.topk(k, dim=1, largest=largest).indices
 
 
+_ACCEPTED = (
+    "targets must be None, a class id (an int), class ids (B,) or (B, K) as a sequence, NumPy "
+    "array or tensor of ints, TopK / BottomK, a Target, or a function output -> scores (B, K)"
+)
+_BOOL = "class ids must be integers, not bools (True / False are not read as classes 1 / 0)"
+_INT64 = torch.iinfo(torch.long)
+
+
+def _out_of_range(index: int, num_classes: int) -> ValueError:
+    return ValueError(f"class index {index} out of range for {num_classes} classes")
+
+
+def _check_items(item: object, num_classes: int) -> None:
+    """Refuse what ``torch.as_tensor`` would misread as class ids: bools as 0 / 1, floats,
+    strings and containers other than sequences; ints past int64 overflow it."""
+    if isinstance(item, bool | np.bool_):
+        raise ValueError(f"{_BOOL}: got {item!r}")
+    if isinstance(item, int | np.integer):
+        if not _INT64.min <= item <= _INT64.max:
+            raise _out_of_range(int(item), num_classes)
+    elif isinstance(item, float | np.floating):
+        raise ValueError(f"class ids must be integers, got {type(item).__name__} {item!r}")
+    elif isinstance(item, Sequence) and not isinstance(item, str | bytes):
+        for sub in item:
+            _check_items(sub, num_classes)
+    elif not isinstance(item, Tensor | np.ndarray):  # arrays: their dtype is checked whole
+        raise ValueError(f"{_ACCEPTED}; got {type(item).__name__} {item!r:.60}")
+
+
 def resolve_classes(targets: Targets, logits: Tensor) -> Tensor:
     """Class ids to explain.
 
     Args:
-        targets: see the module docstring.
+        targets: see the module docstring (class-id targets only).
         logits: (B, N) scores of the batch.
 
     Returns:
         (B, K) long tensor on ``logits``' device.
+
+    Raises:
+        ValueError: for anything else (a string, a dict or set, bools, floats), ids out of
+            [0, N), a shape other than (), (B,) or (B, K), or K = 0.
     """
     batch, num_classes = logits.shape
     if targets is None:
         return logits.argmax(dim=1, keepdim=True)
     if isinstance(targets, TopK | BottomK):
         return _ranked(logits, targets.k, largest=isinstance(targets, TopK))
-    if isinstance(targets, bool):
-        raise ValueError("targets must be class ids, not a bool")
-    if isinstance(targets, int):
-        classes = torch.full((batch, 1), targets, dtype=torch.long, device=logits.device)
-    else:
-        classes = torch.as_tensor(targets, device=logits.device)
-        if classes.is_floating_point() or classes.dtype == torch.bool:
-            raise ValueError(f"class ids must be integers, got dtype {classes.dtype}")
-        if classes.ndim == 1:
-            classes = classes[:, None]
-        if classes.ndim != 2 or classes.shape[0] != batch:
-            raise ValueError(
-                f"targets of shape {tuple(classes.shape)} do not fit a batch of {batch}: "
-                "give one class per image (B,) or K per image (B, K)"
-            )
-        if classes.shape[1] == 0:
-            raise ValueError("targets select no class (K = 0)")
-        classes = classes.long()
+    _check_items(targets, num_classes)
+    classes = torch.as_tensor(targets, device=logits.device)
+    if classes.dtype == torch.bool:
+        raise ValueError(f"{_BOOL}: got dtype {classes.dtype}")
+    if classes.is_floating_point() or classes.is_complex():
+        raise ValueError(f"class ids must be integers, got dtype {classes.dtype}")
+    shape = tuple(classes.shape)
+    if classes.ndim == 0:
+        classes = classes.repeat(batch)
+    if classes.ndim == 1:
+        classes = classes[:, None]
+    if classes.ndim != 2 or classes.shape[0] != batch:
+        raise ValueError(
+            f"targets of shape {shape} do not fit a batch of {batch}: "
+            "give one class for all (an int), one per image (B,) or K per image (B, K)"
+        )
+    if classes.shape[1] == 0:
+        raise ValueError("targets select no class (K = 0)")
+    classes = classes.long()
     out_of_range = (classes < 0) | (classes >= num_classes)
     if out_of_range.any():
-        bad = classes[out_of_range][0]
-        raise ValueError(f"class index {int(bad)} out of range for {num_classes} classes")
+        raise _out_of_range(int(classes[out_of_range][0]), num_classes)
     return classes

@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import images
 
+import cam_engine as ce
 from cam_engine import postprocess as P
 
 FLOATS = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
@@ -145,10 +147,94 @@ def test_normalize_half_keeps_dtype(dtype):
 def test_normalize_3d_and_errors():
     vol = torch.rand(2, 2, 3, 4, 5, dtype=torch.float64)
     np.testing.assert_allclose(P.normalize(vol).numpy(), _np_minmax(vol.numpy()), atol=1e-12)
-    with pytest.raises(ValueError):
-        P.normalize(torch.rand(3, 4))
+    with pytest.raises(ValueError, match="at least one dim"):
+        P.normalize(torch.tensor(2.0))
     with pytest.raises(ValueError, match="floating"):
         P.normalize(torch.ones(1, 1, 3, 3, dtype=torch.int32))
+
+
+def test_normalize_lone_map_and_vector():
+    lone = torch.tensor([[1.0, 3.0, 2.0], [5.0, 2.0, 1.0]])
+    expected = torch.tensor([[0.0, 0.5, 0.25], [1.0, 0.25, 0.0]])
+    torch.testing.assert_close(P.normalize(lone), expected, rtol=0, atol=0)
+    torch.testing.assert_close(
+        P.normalize(torch.tensor([2.0, 4.0, 3.0])), torch.tensor([0.0, 1.0, 0.5]), rtol=0, atol=0
+    )
+    assert torch.equal(P.normalize(torch.full((4, 5), 3.0)), torch.zeros(4, 5))
+
+
+def _ulps(dtype, n):
+    """[[1, 1 + n ulps]] as a (1, 1, 1, 2) map of ``dtype``."""
+    pair = [[[[1.0, 1.0 + n * torch.finfo(dtype).eps]]]]
+    return torch.tensor(pair, dtype=torch.float64).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_normalize_flat_up_to_rounding_is_zero(dtype):
+    # the range is compared with the map's magnitude in its own dtype's ulps (16 of them)
+    zeros = torch.zeros(1, 1, 1, 2, dtype=dtype)
+    for scale in (1.0, 1e-13, -3e5):
+        assert torch.equal(P.normalize(_ulps(dtype, 1) * scale), zeros)
+        assert torch.equal(P.normalize(_ulps(dtype, 8) * scale), zeros)
+        spread = P.normalize(_ulps(dtype, 64) * scale).flatten()
+        assert sorted(spread.tolist()) == [0.0, 1.0]
+    # 1e-6 relative contrast: below float32's resolution of the map, real in float64
+    maps = 1e-13 * (1 + 1e-6 * torch.tensor([[[[0.0, 0.25], [1.0, 0.5]]]], dtype=torch.float64))
+    expected = torch.tensor([[[[0.0, 0.25], [1.0, 0.5]]]], dtype=torch.float64)
+    if dtype == torch.float64:
+        torch.testing.assert_close(P.normalize(maps), expected, rtol=0, atol=1e-9)
+    else:
+        assert torch.equal(P.normalize(maps.float()), torch.zeros(1, 1, 2, 2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("value", [1.55, 7.3e-13, 4.2e8])
+def test_heatmaps_of_constant_map_are_zero(dtype, value):
+    # bilinear resizing of a constant leaves 1-ulp ripples; they are not stretched to [0, 1]
+    for src in ((1, 1), (3, 5)):
+        cams = torch.full((1, 1, *src), value, dtype=dtype)
+        assert torch.equal(P.heatmaps(cams, (224, 224)), torch.zeros(1, 1, 224, 224, dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_heatmaps_batch_with_some_flat_maps(dtype):
+    cams = torch.rand(3, 2, 7, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    cams[0, 1] = 1.55
+    cams[2, 0] = 3e-13
+    cams[1, 0] *= 1e-13  # low magnitude, not flat
+    out = P.heatmaps(cams.to(dtype), (31, 45))
+    src = cams.to(dtype).double().numpy()
+    ref = np.stack(
+        [[cv2.resize(m, (45, 31), interpolation=cv2.INTER_LINEAR) for m in row] for row in src]
+    )
+    flat = np.zeros((3, 2, 1, 1), dtype=bool)
+    flat[0, 1] = flat[2, 0] = True
+    expected = np.where(flat, 0.0, _np_minmax(ref))
+    np.testing.assert_allclose(out.double().numpy(), expected, atol=1e-5, rtol=0)
+    assert torch.equal(out[0, 1], torch.zeros(31, 45, dtype=dtype))
+    assert torch.equal(out[2, 0], torch.zeros(31, 45, dtype=dtype))
+    lo, hi = out.flatten(2).aminmax(dim=-1)
+    assert torch.equal(hi, torch.tensor(~flat.reshape(3, 2), dtype=dtype))
+    assert torch.all(lo == 0)
+
+
+def test_engine_maps_of_a_1x1_layer_are_zero(resnet18):
+    # avgpool's (B, 512, 1, 1) output: every map is one value, so flat
+    res = ce.CAMEngine(resnet18, "avgpool")(images(2, 64))
+    assert res.cams.shape == (2, 1, 1, 1) and torch.all(res.cams > 0.1)
+    assert torch.equal(res.heatmaps, torch.zeros(2, 1, 64, 64, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("eps", [1e-7, 1e-8])
+def test_normalize_peer_epsilon(eps):
+    maps = _rng(4).random((2, 3, 5, 6)) * np.array([1.0, 1e-6, 1e-13])[:, None, None]
+    maps[1, 2] = 0.5
+    flat = maps.reshape(2, 3, -1)
+    lo, hi = flat.min(-1, keepdims=True), flat.max(-1, keepdims=True)
+    expected = ((flat - lo) / (hi - lo + eps)).reshape(maps.shape)
+    out = P.normalize(torch.from_numpy(maps), eps=eps)
+    np.testing.assert_allclose(out.numpy(), expected, rtol=1e-12, atol=0)
+    assert out[0, 2].max() < 1e-5  # what the epsilon does to a 1e-13 map
 
 
 # heatmaps ----------------------------------------------------------------------------------------

@@ -18,11 +18,7 @@ def _bias(module: nn.Module) -> Tensor:
     return module.bias.detach()
 
 
-def _scale(maps: Tensor) -> Tensor:
-    """pytorch-grad-cam's ``scale_cam_image`` per (B, C) map: (B, C, *s)."""
-    flat = maps.flatten(2)
-    flat = flat - flat.amin(-1, keepdim=True)
-    return (flat / (flat.amax(-1, keepdim=True) + 1e-7)).view_as(maps)
+_PEER_EPS = 1e-7  # pytorch-grad-cam's ``scale_cam_image``, kept for parity (see fullgrad)
 
 
 @register("fullgrad", two_d_only=True)
@@ -51,10 +47,10 @@ def fullgrad(ctx: Context) -> Tensor:
             scores[:, k].sum(), [x, *taps], retain_graph=k + 1 < scores.shape[1]
         )
         with torch.no_grad():
-            total = _scale((grad_x * x).abs()).sum(1)
+            total = postprocess.normalize((grad_x * x).abs(), eps=_PEER_EPS).sum(1)
             for layer, grad in zip(layers, grads, strict=True):
                 terms = (_bias(layer).to(grad.dtype)[:, None, None] * grad).abs()
-                summed = _scale(terms).sum(1, keepdim=True)
+                summed = postprocess.normalize(terms, eps=_PEER_EPS).sum(1, keepdim=True)
                 total = total + postprocess.upsample(summed, size)[:, 0]
         maps.append(total)
     return torch.stack(maps, 1)

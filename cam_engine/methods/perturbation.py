@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import postprocess
 from ._registry import Context, register_weights
 
 ABLATION_OFFSET = 1e7  # pytorch-grad-cam's AblationLayer: min(A) - 1e7 when min(A) != 0
@@ -39,9 +40,8 @@ def scorecam(ctx: Context) -> Tensor:
             rows, chans = idx // channels, idx % channels
             low = a[rows, chans][:, None]
             masks = F.interpolate(low, x.shape[2:], mode=mode, align_corners=True)
-            lo = masks.flatten(1).amin(1).view(-1, *[1] * (masks.ndim - 1))
-            hi = masks.flatten(1).amax(1).view_as(lo)
-            masks = (masks - lo) / (hi - lo + 1e-8)
+            # pytorch-grad-cam's epsilon, kept for parity with its masks
+            masks = postprocess.normalize(masks, eps=1e-8)
             out = ctx.split.predict(x[rows] * masks)
             scores.append(ctx.scores(out, rows))
     return torch.cat(scores).view(batch, channels, -1).softmax(dim=1).transpose(1, 2)

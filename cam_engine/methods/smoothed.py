@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import postprocess
 from ..gradients import explained_gradients
 from ..layers import gradients_to_nchw, to_nchw
 from ._registry import (
@@ -104,13 +105,6 @@ def smoothgradcam_plus_plus(ctx: Context) -> Tensor:
         return weighted_sum(weights, last).relu()
 
 
-def _normalize(maps: Tensor) -> Tensor:
-    """torchcam's ``_normalize`` per (B, C) map: ``(m - min) / (max - min + 1e-8)``."""
-    flat = maps.flatten(2)
-    flat = flat - flat.amin(-1, keepdim=True)
-    return (flat / (flat.amax(-1, keepdim=True) + 1e-8)).view_as(maps)
-
-
 def _mask_weights(
     ctx: Context, passes: int, masked: Callable[[int, Tensor, Tensor], Tensor]
 ) -> Tensor:
@@ -125,7 +119,7 @@ def _mask_weights(
     """
     a, x = ctx.activations, ctx.x
     batch, channels = a.shape[:2]
-    low = _normalize(a)
+    low = postprocess.normalize(a, eps=1e-8)  # torchcam's epsilon, kept for parity
     mode = "bilinear" if a.ndim == 4 else "trilinear"
     baseline = ctx.scores(ctx.logits, ctx.rows)  # (B, K)
     total = 0
