@@ -167,7 +167,7 @@ def test_weights_files_are_never_unpickled(evil):
 
 
 @pytest.mark.filterwarnings("ignore:'torch.load' received a zip file")
-@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+@pytest.mark.filterwarnings(r"ignore:`torch.jit.\w+` is deprecated")
 def test_torchscript_model_file(tmp_path):
     torch.jit.script(tiny_net()).save(tmp_path / "ts.pt")
     for allow_pickle in (False, True):
