@@ -40,9 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # the errors a user causes (a bad argument, a file that cannot be read or written) are one
+    # line; anything else is a bug and keeps its traceback
     try:
         return int(args.run(args) or 0)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, OSError) as exc:
         print(f"cam-engine {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

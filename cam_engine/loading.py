@@ -2,14 +2,21 @@
 
 ``load_model`` returns the model in eval mode together with what is needed to feed it (input
 size, mean, std) and to name its classes, taken from the torchvision weights when there are some.
+``add_model_arguments`` gives every command the same options for it, ``resolve_device`` the same
+``--device``.
+
+Files are read with ``torch.load(weights_only=True)``, which cannot run code; a model saved whole
+(a pickle, which can) is unpickled only when the caller opts in with ``allow_pickle``.
 """
 
 from __future__ import annotations
 
+import argparse
 import difflib
 import importlib
 import importlib.util
 import os
+import pickle
 import re
 import sys
 from collections.abc import Sequence
@@ -21,12 +28,33 @@ import torchvision
 from torch import Tensor, nn
 from torchvision.models import WeightsEnum
 
-__all__ = ["LoadedModel", "load_model", "torchvision_models", "read_labels"]
+__all__ = [
+    "LoadedModel",
+    "add_model_arguments",
+    "load_model",
+    "read_labels",
+    "resolve_device",
+    "torchvision_models",
+]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_INPUT_SIZE = (224, 224)
 _FACTORY = re.compile(r"^(?P<module>[^:]+):(?P<function>[A-Za-z_][\w.]*)$")
+#: how torch's weights-only unpickler names the class or function a pickle would have imported
+_PICKLED_GLOBAL = re.compile(r"GLOBAL (\S+)")
+#: torch.load reports a damaged file with whatever exception the damage triggers (fuzzing gave
+#: all of these); with weights_only=False a missing class is an AttributeError or ImportError
+_UNREADABLE = (
+    pickle.UnpicklingError,
+    EOFError,
+    RuntimeError,
+    KeyError,
+    IndexError,
+    ValueError,
+    AttributeError,
+    ImportError,
+)
 
 
 @dataclass
@@ -38,7 +66,12 @@ class LoadedModel:
         input_size: (H, W) the images are resized to.
         mean, std: per-channel normalisation of images scaled to [0, 1].
         categories: class names indexed by class id, or ``None`` (then "class 17").
-        source: how the model was found, for messages (``"torchvision resnet50"``, a path...).
+        source: how the model was found, for messages (``"torchvision resnet50
+            (ResNet50_Weights.IMAGENET1K_V2)"``, a path...); it says "RANDOM WEIGHTS" when
+            ``random_weights``.
+        random_weights: the model is a torchvision architecture given no weights, so its maps
+            explain an untrained network. (A model from a file or a factory has the weights
+            that came with it.)
     """
 
     model: nn.Module
@@ -47,6 +80,7 @@ class LoadedModel:
     std: tuple[float, ...]
     categories: list[str] | None
     source: str
+    random_weights: bool = False
 
     def preprocess(self, images: Tensor) -> Tensor:
         """uint8 images (B, 3, H, W) -> normalised float (B, 3, H, W) on the model's device.
@@ -120,13 +154,58 @@ def _named_weights(model_name: str, weights: str) -> WeightsEnum | None:
         ) from None
 
 
+def _gist(exc: BaseException) -> str:
+    """The exception's type and last line, without torch's advice to retry unsafely."""
+    lines = [
+        line.strip()
+        for line in str(exc).splitlines()
+        if line.strip() and not line.startswith("Check the documentation of torch.load")
+    ]
+    last = lines[-1].split(". ")[0] if lines else ""
+    return f"{type(exc).__name__}: {last}" if last else type(exc).__name__
+
+
+def _torch_load(path: str, what: str, pickle_hint: str, *, weights_only: bool) -> object:
+    """``torch.load`` of a user's file onto the CPU; ``ValueError`` when it cannot be read.
+
+    A TorchScript archive is refused too: it has no Python modules for the engine to split.
+
+    Args:
+        path: the file; what: how messages name it ("model file").
+        pickle_hint: what to do about a pickle that ``weights_only`` refused to unpickle.
+        weights_only: ``False`` unpickles, which runs whatever code the file holds.
+    """
+    torchscript = f"{path} is a TorchScript model; cam-engine needs the Python model"
+    try:
+        found = torch.load(path, map_location="cpu", weights_only=weights_only)
+    except _UNREADABLE as exc:
+        if "TorchScript" in str(exc):  # weights_only refuses TorchScript archives
+            raise ValueError(torchscript) from None
+        pickled = _PICKLED_GLOBAL.search(str(exc)) if weights_only else None
+        if pickled is not None:
+            raise ValueError(
+                f"cannot read {what} {path} without unpickling it (it loads {pickled[1]}); "
+                + pickle_hint
+            ) from None
+        raise ValueError(
+            f"cannot read {what} {path}: not written by torch.save, or damaged ({_gist(exc)})"
+        ) from exc
+    if isinstance(found, torch.jit.ScriptModule):
+        raise ValueError(torchscript)
+    return found
+
+
 def _load_state_dict(model: nn.Module, path: str) -> None:
     if not Path(path).is_file():
         raise FileNotFoundError(
             f"no such weights file: {path} (named weights such as DEFAULT need a torchvision "
             "model name for --model)"
         )
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    hint = (
+        "a weights file is a state_dict and is never unpickled; a model saved whole with "
+        "torch.save(model) is given as --model FILE, with --allow-pickle"
+    )
+    state = _torch_load(path, "weights file", hint, weights_only=True)
     for key in ("state_dict", "model"):  # training checkpoints often nest the weights
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -175,11 +254,12 @@ def _import_factory(spec: str) -> nn.Module:
     return model
 
 
-def _from_file(path: str) -> nn.Module:
-    # A full pickled model runs arbitrary code when loaded: only load files you trust.
-    model = torch.load(path, map_location="cpu", weights_only=False)
-    if isinstance(model, torch.jit.ScriptModule):
-        raise ValueError(f"{path} is a TorchScript model; cam-engine needs the Python model")
+def _from_file(path: str, allow_pickle: bool) -> nn.Module:
+    hint = (
+        "unpickling can run any code the file holds, so a model saved whole with "
+        "torch.save(model) needs --allow-pickle (allow_pickle=True): pass it if you trust the file"
+    )
+    model = _torch_load(path, "model file", hint, weights_only=not allow_pickle)
     if not isinstance(model, nn.Module):
         raise ValueError(
             f"{path} holds a {type(model).__name__}, not a model saved with torch.save(model); "
@@ -198,40 +278,49 @@ def load_model(
     mean: Sequence[float] | None = None,
     std: Sequence[float] | None = None,
     num_classes: int | None = None,
+    allow_pickle: bool = False,
 ) -> LoadedModel:
     """A classifier in eval mode on ``device``, with its preprocessing facts and class names.
 
     Args:
         spec: a torchvision classification model name (see :func:`torchvision_models`); a path
-            to a model saved whole with ``torch.save(model)`` (loaded with
-            ``weights_only=False``, which runs code from the file: trusted files only); or
+            to a model saved whole with ``torch.save(model)`` (needs ``allow_pickle``); or
             ``module:function`` / ``file.py:function``, called with no argument.
         weights: for a torchvision name, ``"DEFAULT"``, a member name (``"IMAGENET1K_V2"``) or a
-            full name (``"ResNet50_Weights.IMAGENET1K_V2"``); for any spec, a ``state_dict`` file.
-            ``None``: the model's own weights (random for a torchvision name).
+            full name (``"ResNet50_Weights.IMAGENET1K_V2"``); for any spec, a ``state_dict`` file
+            (read with ``weights_only=True``, whatever ``allow_pickle`` says).
+            ``None``: the model's own weights (random for a torchvision name: see
+            :attr:`LoadedModel.random_weights`).
         device: where to put the model.
         labels: a text file with one class name per line (overrides the weights' names).
         input_size: (H, W) or (S,); default the weights' crop size, else 224 x 224.
         mean, std: normalisation; default the weights' own, else ImageNet's.
         num_classes: outputs of a torchvision model built without named weights.
+        allow_pickle: unpickle a model file (``weights_only=False``), which runs any code the
+            file holds: trusted files only. Without it a pickled model file is refused.
 
     Raises:
-        ValueError: unknown model name (with the closest names), weights that do not fit.
+        ValueError: unknown model name (with the closest names), weights that do not fit, a
+            file that is damaged, not from ``torch.save``, or a pickle without ``allow_pickle``.
         FileNotFoundError: a missing model, weights or labels file.
+        OSError: a file that cannot be opened (permissions, a name too long...).
     """
-    named = None
+    named, random_weights = None, False
     if spec in torchvision_models():
         named = _named_weights(spec, weights) if weights is not None else None
         if num_classes is not None and named is not None:
             raise ValueError("--num-classes applies to models built without named weights")
         model = _from_torchvision(spec, named, num_classes)
         source = f"torchvision {spec}" + (f" ({named})" if named is not None else "")
+        random_weights = weights is None
+        if random_weights:
+            source += " with RANDOM WEIGHTS (no --weights)"
     elif num_classes is not None:
         raise ValueError("--num-classes applies to torchvision model names only")
     elif _FACTORY.match(spec) and not Path(spec).exists():
         model, source = _import_factory(spec), spec
     elif Path(spec).is_file():
-        model, source = _from_file(spec), spec
+        model, source = _from_file(spec, allow_pickle), spec
     elif os.sep in spec or "/" in spec or spec.endswith((".pt", ".pth")):
         raise FileNotFoundError(f"no such model file: {spec}")
     else:
@@ -256,4 +345,74 @@ def load_model(
         categories = list(named.meta["categories"])
     else:
         categories = None
-    return LoadedModel(model.eval().to(device), size, mean, std, categories, source)
+    model = model.eval().to(device)
+    return LoadedModel(model, size, mean, std, categories, source, random_weights)
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
+    """The options naming a model for :func:`load_model`, the same in every command.
+
+    Adds ``--model``, ``--weights``, ``--num-classes`` and ``--allow-pickle`` (dests ``model``,
+    ``weights``, ``num_classes``, ``allow_pickle``) as one group of the help.
+
+    Args:
+        parser: the command's parser.
+        required: ``False`` for a command that also takes the model another way (``export``'s
+            positional MODEL); it must then check that one of them was given.
+    """
+    group = parser.add_argument_group("model")
+    group.add_argument(
+        "--model",
+        required=required,
+        help="a torchvision classifier name (resnet50, convnext_tiny, vit_b_16, ...); a file "
+        "saved with torch.save(model) (needs --allow-pickle); or module:function / "
+        "file.py:function returning a model",
+    )
+    group.add_argument(
+        "--weights",
+        help="DEFAULT or a weights name of the torchvision model (IMAGENET1K_V2), or a "
+        "state_dict file; default: none (RANDOM weights for a torchvision name)",
+    )
+    group.add_argument(
+        "--num-classes", type=int, help="outputs of a torchvision model + state_dict"
+    )
+    group.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="unpickle a --model file saved with torch.save(model); unpickling runs any code "
+        "the file holds: trusted files only (--weights files are never unpickled)",
+    )
+
+
+def resolve_device(name: str | None) -> torch.device:
+    """The torch device ``--device name`` asks for, checked to exist on this machine.
+
+    Args:
+        name: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``...; ``None``: CUDA when it is
+            available, else the CPU.
+
+    Raises:
+        ValueError: a name torch does not know, a device type this machine does not have
+            (``cuda`` without a GPU), an index past its last device.
+    """
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as exc:
+        raise ValueError(f"--device {name!r}: {exc}") from None
+    backend = getattr(torch, device.type, None)  # torch.cuda, torch.mps, torch.xpu...
+    if device.type == "cpu" or not hasattr(backend, "is_available"):
+        return device  # a backend without the query is left to torch's own errors
+    if not backend.is_available():
+        raise ValueError(
+            f"--device {name}: no {device.type} device on this machine (torch "
+            f"{torch.__version__}); use --device cpu"
+        )
+    count = backend.device_count() if hasattr(backend, "device_count") else None
+    if device.index is not None and count is not None and device.index >= count:
+        raise ValueError(
+            f"--device {name}: this machine has {count} {device.type} device(s), "
+            f"{device.type}:0 to {device.type}:{count - 1}"
+        )
+    return device

@@ -412,7 +412,7 @@ def test_load_full_model_file_and_preprocess(tmp_path):
     model = tiny_net()
     torch.save(model, tmp_path / "full.pt")
     torch.save(model.state_dict(), tmp_path / "state.pt")
-    loaded = load_model(str(tmp_path / "full.pt"), mean=MEAN, std=STD)
+    loaded = load_model(str(tmp_path / "full.pt"), mean=MEAN, std=STD, allow_pickle=True)
     images = torch.randint(0, 256, (2, 3, 5, 4), dtype=torch.uint8)
     expected = (images.double() / 255 - torch.tensor(MEAN).view(3, 1, 1).double()) / torch.tensor(
         STD

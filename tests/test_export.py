@@ -359,7 +359,7 @@ def test_cli_export(tmp_path, capsys):
     assert "heatmaps ('batch', 2, 64, 64)" in printed and "self-check" in printed
     assert OrtCAM(out)(images(2, 64, F32)).heatmaps.shape == (2, 2, 64, 64)
     assert main(["export", "resnt18", str(out)]) == 2
-    assert "closest: resnet18" in capsys.readouterr().err
+    assert "Did you mean: resnet18" in capsys.readouterr().err
 
 
 # --- the zoo (slow): GAP heads of every family, and VGG itself -----------------------------------

@@ -15,6 +15,7 @@ from ..bench import backends as bk
 from ..bench import report
 from ..bench.harness import run_all_classes, run_model
 from ..bench.models import AUTOCAST, COMPILE_MODES, ModelSpec
+from ..loading import resolve_device
 
 HELP = "benchmark the engine against plain inference and the hook-based libraries"
 
@@ -129,6 +130,7 @@ def run(args: argparse.Namespace) -> int:
         doc = json.loads(args.render.read_text())
         _write(doc, args, doc["config"].get("command", ""))
         return 0
+    resolve_device(args.device)  # before any model is built
     if args.threads or args.quick:
         # one thread by default for --quick: two OpenMP threads on a busy 2-core machine can
         # run 20x slower than one (measured: resnet18 at 64 px, 2.1 s vs 0.08 s per batch)

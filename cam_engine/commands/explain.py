@@ -53,7 +53,7 @@ from ..io import (
     image_keys,
     save_png,
 )
-from ..loading import LoadedModel, load_model
+from ..loading import LoadedModel, add_model_arguments, load_model, resolve_device
 from ..postprocess import available_colormaps, colormap_lut, heatmaps, overlay
 from ..targets import BottomK, TopK
 
@@ -69,18 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "images", nargs="+", metavar="IMAGES_OR_DIRS", help="image files and folders (recursive)"
     )
-    parser.add_argument(
-        "--model",
-        required=True,
-        help="a torchvision classifier name (resnet50, convnext_tiny, vit_b_16, ...); a file "
-        "saved with torch.save(model) (unpickled with weights_only=False: it can run code, "
-        "use trusted files only); or module:function / file.py:function returning a model",
-    )
-    parser.add_argument(
-        "--weights",
-        help="DEFAULT or a weights name of the torchvision model (IMAGENET1K_V2), or a "
-        "state_dict file; default: none (random weights for a torchvision name)",
-    )
+    add_model_arguments(parser)
     parser.add_argument("--labels", type=Path, help="class names, one per line (line i = class i)")
     parser.add_argument("--target-layer", help="module or FX node name (default: last feature map)")
     parser.add_argument(
@@ -119,9 +108,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--mean", help="3 normalisation means (default: the weights' or ImageNet's)"
     )
     parser.add_argument("--std", help="3 normalisation stds (default: the weights' or ImageNet's)")
-    parser.add_argument(
-        "--num-classes", type=int, help="outputs of a torchvision model + state_dict"
-    )
     parser.add_argument(
         "--colormap", default="jet", help=f"one of {', '.join(available_colormaps())}"
     )
@@ -190,12 +176,7 @@ def parse_save(text: str) -> set[str]:
 
 
 def _device(name: str | None) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError as exc:
-        raise ValueError(f"--device {name!r}: {exc}") from None
+    return resolve_device(name)
 
 
 class _Writer:
@@ -390,6 +371,7 @@ def load(
         mean=_numbers(args.mean, float, "--mean"),
         std=_numbers(args.std, float, "--std"),
         num_classes=args.num_classes,
+        allow_pickle=args.allow_pickle,
     )
     if state is not None:
         loaded.model.load_state_dict(state)

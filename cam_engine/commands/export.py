@@ -3,24 +3,30 @@
 from __future__ import annotations
 
 import argparse
-import difflib
+import sys
 from pathlib import Path
 
-import torch
-import torchvision
-from torch import nn
+from ..loading import add_model_arguments, load_model
 
 HELP = "export a classifier to ONNX with its CAM / Grad-CAM heatmaps computed inside the graph"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="a torchvision classifier name, or a .pt file (whole module)")
+    parser.add_argument(
+        "legacy_model", nargs="?", metavar="MODEL", help="the model, as --model (older spelling)"
+    )
     parser.add_argument("out", type=Path, help="the .onnx file to write")
-    parser.add_argument("--weights", default=None, help="torchvision weights (e.g. DEFAULT)")
+    add_model_arguments(parser, required=False)
     parser.add_argument("--target-layer", default=None, help="module name; default: last map")
     parser.add_argument("--method", choices=("cam", "gradcam"), default="cam")
     parser.add_argument("--topk", type=int, default=1, help="classes explained per image")
-    parser.add_argument("--input-size", type=int, nargs=2, default=(224, 224), metavar=("H", "W"))
+    parser.add_argument(
+        "--input-size",
+        type=int,
+        nargs=2,
+        metavar=("H", "W"),
+        help="the example input's size; default: the weights' crop size, else 224 224",
+    )
     parser.add_argument("--dynamic-size", action="store_true", help="any input H, W")
     parser.add_argument(
         "--static-batch",
@@ -46,35 +52,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-check", action="store_true", help="skip the self-check")
 
 
-def load_model(spec: str, weights: str | None = None) -> nn.Module:
-    """A torchvision classifier by name, or a whole module saved with ``torch.save``."""
-    path = Path(spec)
-    if path.suffix in (".pt", ".pth"):
-        if not path.is_file():
-            raise FileNotFoundError(f"no model file at {path}")
-        model = torch.load(path, map_location="cpu", weights_only=False)
-        if not isinstance(model, nn.Module):
-            raise ValueError(f"{path} holds a {type(model).__name__}, not a whole nn.Module")
-        return model.eval()
-    names = torchvision.models.list_models(module=torchvision.models)
-    if spec not in names:
-        close = difflib.get_close_matches(spec, names, n=5, cutoff=0.5)
-        hint = f"; closest: {', '.join(close)}" if close else ""
-        raise ValueError(f"unknown torchvision classifier {spec!r}{hint}")
-    return torchvision.models.get_model(spec, weights=weights).eval()
-
-
 def run(args: argparse.Namespace) -> int:
     from ..export import to_onnx
 
-    model = load_model(args.model, args.weights)
+    if (args.model is None) == (args.legacy_model is None):
+        raise ValueError("name the model once: --model MODEL OUT (or the older MODEL OUT)")
+    loaded = load_model(
+        args.model or args.legacy_model,
+        args.weights,
+        input_size=args.input_size,
+        num_classes=args.num_classes,
+        allow_pickle=args.allow_pickle,
+    )
+    height, width = loaded.input_size
+    print(
+        f"exporting {loaded.source} ({args.method}, input {height}x{width}) -> {args.out}",
+        file=sys.stderr,
+    )
     result = to_onnx(
-        model,
+        loaded.model,
         args.out,
         target_layer=args.target_layer,
         method=args.method,
         topk=args.topk,
-        input_size=tuple(args.input_size),
+        input_size=loaded.input_size,
+        mean=loaded.mean,
+        std=loaded.std,
         dynamic_batch=args.static_batch is None,
         dynamic_size=args.dynamic_size,
         colormap=args.colormap,
