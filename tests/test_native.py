@@ -252,3 +252,216 @@ def _plain_onnx(tmp_path: Path) -> Path:
         torch.nn.Conv2d(3, 1, 1), (torch.zeros(1, 3, 64, 64),), str(path), dynamo=False
     )
     return path
+
+
+def _npy_file(header: str, data: bytes = b"", version: int = 1, length: int | None = None) -> bytes:
+    """A .npy file with the given header dict text, padded as numpy pads it (data at a multiple
+    of 64 bytes); `length` overrides the header length field."""
+    prefix = 10 if version == 1 else 12
+    text = header + " " * (-(prefix + len(header) + 1) % 64) + "\n"
+    size = (len(text) if length is None else length).to_bytes(2 if version == 1 else 4, "little")
+    return b"\x93NUMPY" + bytes([version, 0]) + size + text.encode() + data
+
+
+def _npy_shape(shape: str, data: bytes = b"", descr: str = "'<f4'", order: str = "False") -> bytes:
+    return _npy_file(f"{{'descr': {descr}, 'fortran_order': {order}, 'shape': {shape}, }}", data)
+
+
+_PIXELS = bytes(64 * 64 * 3)
+# name -> (file contents, what the one-line error says after "<path>: ")
+HOSTILE = {
+    # 128 bytes; the shape's element count wraps to 0 in 64 bits
+    "overflow.npy": (
+        _npy_shape("(4611686018427387904, 3, 4, 4)"),
+        "shape (4611686018427387904, 3, 4, 4) is too large (its byte count overflows 64 bits)",
+    ),
+    "short-data.npy": (
+        _npy_shape("(3, 64, 64)", bytes(100)),
+        "shape (3, 64, 64) needs 49152 bytes of float32 data, the file has 100",
+    ),
+    "long-data.npy": (
+        _npy_shape("(3, 64, 64)", bytes(49156)),
+        "shape (3, 64, 64) needs 49152 bytes of float32 data, the file has 49156",
+    ),
+    "prefix-only.npy": (b"\x93NUMPY\x01\x00", "the file ends inside its .npy header length"),
+    "magic.npy": (b"\x93NUMPZ\x01\x00" + bytes(120), "not a .npy file (no \\x93NUMPY magic)"),
+    "version.npy": (
+        _npy_file("{}", version=9),
+        "unsupported .npy format version 9.0 (1.0, 2.0 and 3.0 are read)",
+    ),
+    "header-past-eof.npy": (
+        b"\x93NUMPY\x01\x00\xff\xff",
+        "header length 65535 runs past the end of the file (10 bytes)",
+    ),
+    "header-past-eof-v2.npy": (
+        _npy_file("{}", version=2, length=0xFFFFFFF0),
+        "header length 4294967280 runs past the end of the file (64 bytes)",
+    ),
+    "not-a-dict.npy": (_npy_file("garbage"), "bad .npy header: expected '{' at character 0"),
+    "unclosed.npy": (
+        _npy_file("{'descr': '<f4'"),
+        "bad .npy header: expected ',' or '}' at character 15",
+    ),
+    "negative.npy": (
+        _npy_shape("(-1, 3, 64, 64)"),
+        "bad .npy header: shape entries must be non-negative integers, got '-1'",
+    ),
+    "text-dim.npy": (
+        _npy_shape("('a', 3, 64, 64)"),
+        "bad .npy header: shape entries must be non-negative integers, got ''a''",
+    ),
+    "big-dim.npy": (
+        _npy_shape("(99999999999999999999, 3)"),
+        "bad .npy header: shape entry 99999999999999999999 is too large",
+    ),
+    "no-shape.npy": (
+        _npy_file("{'descr': '<f4', 'fortran_order': False}"),
+        "bad .npy header: no 'shape' entry",
+    ),
+    "unknown-key.npy": (
+        _npy_file("{'descr': '<f4', 'fortran_order': False, 'shape': (), 'x': 1}"),
+        "bad .npy header: unknown key 'x'",
+    ),
+    "fortran.npy": (
+        _npy_shape("(3, 64, 64)", bytes(49152), order="True"),
+        "Fortran-order arrays are not supported",
+    ),
+    "int8.npy": (
+        _npy_shape("(3,)", bytes(3), descr="'|i1'"),
+        "expected a float32 array ('<f4'), got '|i1'",
+    ),
+    "empty.npy": (
+        _npy_shape("(0, 3, 64, 64)"),
+        "expected a float32 (B, 3, H, W) or (3, H, W) array with no empty dimension, "
+        "got shape (0, 3, 64, 64)",
+    ),
+    # 29 bytes that claim 10.8 GB of pixels
+    "huge.ppm": (
+        b"P6\n60000 60000\n255\n" + bytes(10),
+        "a 60000x60000 P6 image with maximum value 255 needs 10800000000 bytes of pixels, "
+        "the file has 10",
+    ),
+    "overflow.ppm": (
+        b"P6\n2147483647 2147483647\n65535\n",
+        "a 2147483647x2147483647 P6 image with maximum value 65535 is too large "
+        "(its byte count overflows 64 bits)",
+    ),
+    "short-pixels.ppm": (
+        b"P6\n64 64\n255\n" + bytes(100),
+        "a 64x64 P6 image with maximum value 255 needs 12288 bytes of pixels, the file has 100",
+    ),
+    "short-pixels-16bit.pgm": (
+        b"P5\n64 64\n65535\n" + bytes(4096),
+        "a 64x64 P5 image with maximum value 65535 needs 8192 bytes of pixels, the file has 4096",
+    ),
+    "header-eof.ppm": (b"P6\n64 64\n", "the file ends before its maximum value"),
+    "empty.ppm": (b"", "not a binary PPM (P6) or PGM (P5) image (starts '')"),
+    "ascii.ppm": (
+        b"P3\n1 1\n255\n0 0 0\n",
+        "not a binary PPM (P6) or PGM (P5) image (starts 'P3')",
+    ),
+    "glued.ppm": (b"P664 64 255\n" + _PIXELS, "no whitespace after the magic number 'P6'"),
+    "maxval-0.pgm": (b"P5\n4 4\n0\n" + bytes(16), "maximum value 0 is out of range 1..65535"),
+    "maxval-big.pgm": (
+        b"P5\n4 4\n70000\n" + bytes(32),
+        "maximum value 70000 is out of range 1..65535",
+    ),
+    "negative.ppm": (b"P6\n-64 64\n255\n" + _PIXELS, "bad width '-64'"),
+    "text.ppm": (b"P6\n64 abc\n255\n" + _PIXELS, "bad height 'abc'"),
+    "zero.ppm": (b"P6\n0 64\n255\n", "width 0 is out of range 1..2147483647"),
+    "wide.ppm": (
+        b"P6\n99999999999999999999 1\n255\n",
+        "width 99999999999999999999 is out of range 1..2147483647",
+    ),
+    "above-maxval.pgm": (
+        b"P5\n64 64\n100\n" + bytes([255]) * 4096,
+        "sample value 255 is above the maximum value 100",
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE))
+def test_hostile_files_fail_cleanly(cam_ort, models, tmp_path, name):
+    """Each malformed file stops the run with exit code 2 and one line naming the file and what
+    is wrong: never a crash signal, never an allocation from an unchecked header."""
+    contents, message = HOSTILE[name]
+    path = tmp_path / name
+    path.write_bytes(contents)
+    done = run(cam_ort, models["shapes"][0], path, "--out", tmp_path / "out", check=False)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == f"cam-ort: error: {path}: {message}\n"
+
+
+def test_pnm_comments_and_16_bit_samples(cam_ort, models, tmp_path):
+    """'#' comments anywhere in the header (also right after the maximum value) and 16-bit
+    big-endian samples read as the plain 8-bit file: v * 257 of 65535 is v of 255."""
+    path, _ = models["shapes"]
+    grey = np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8)
+    files = {
+        "plain.pgm": b"P5\n64 64\n255\n" + grey.tobytes(),
+        "comments.pgm": b"P5 # a comment\n#another\r64\t64 # x\n255#last\n" + grey.tobytes(),
+        "wide.pgm": b"P5\n64 64\n65535\n" + (grey.astype(">u2") * 257).tobytes(),
+    }
+    for name, contents in files.items():
+        (tmp_path / name).write_bytes(contents)
+    run(cam_ort, path, *(tmp_path / n for n in files), "--out", tmp_path / "out", "--save-input")
+    want = np.broadcast_to(grey / np.float32(255), (3, 64, 64))
+    for name in files:
+        got = np.load(tmp_path / "out" / f"{Path(name).stem}.input.npy")
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("--batch", "0", "--batch expects an integer in 1..4096, got '0'"),
+        ("--batch", "-1", "--batch expects an integer in 1..4096, got '-1'"),
+        ("--batch", "abc", "--batch expects an integer in 1..4096, got 'abc'"),
+        ("--batch", "4097", "--batch expects an integer in 1..4096, got '4097'"),
+        ("--batch", "2x", "--batch expects an integer in 1..4096, got '2x'"),
+        ("--batch", " 2", "--batch expects an integer in 1..4096, got ' 2'"),
+        ("--batch", "+2", "--batch expects an integer in 1..4096, got '+2'"),
+        ("--batch", "", "--batch expects an integer in 1..4096, got ''"),
+        ("--batch", "9" * 30, f"--batch expects an integer in 1..4096, got '{'9' * 30}'"),
+        ("--threads", "0", "--threads expects an integer in 1..1024, got '0'"),
+        ("--device", "-1", "--device expects an integer in 0..1023, got '-1'"),
+        ("--bench", "0", "--bench expects an integer in 1..1000000, got '0'"),
+        ("--warmup", "x", "--warmup expects an integer in 0..1000000, got 'x'"),
+        ("--size", "0x64", "--size expects HxW with sides in 1..16384, got '0x64'"),
+        ("--size", "64x99999", "--size expects HxW with sides in 1..16384, got '64x99999'"),
+        ("--size", "64", "--size expects HxW with sides in 1..16384, got '64'"),
+        ("--classes", "1,,2", "--classes expects class indices 0,1,..., got '1,,2'"),
+        ("--classes", "-1", "--classes expects class indices 0,1,..., got '-1'"),
+    ],
+)
+def test_numeric_options_are_checked(cam_ort, models, tmp_path, option, value, message):
+    good = _npy(tmp_path, "x.npy", np.zeros((3, 64, 64), np.float32))
+    done = run(cam_ort, models["shapes"][0], good, option, value, "--out", tmp_path, check=False)
+    assert done.returncode == 2
+    assert done.stderr == f"cam-ort: error: {message}\n"
+
+
+def test_classes_out_of_range(cam_ort, models, tmp_path):
+    path, x = models["shapes_fixed"]  # 4 classes
+    np.save(tmp_path / "x.npy", x.numpy())
+    done = run(
+        cam_ort, path, tmp_path / "x.npy", "--classes", "3,4", "--out", tmp_path, check=False
+    )
+    assert done.returncode == 2
+    assert done.stderr == (
+        "cam-ort: error: --classes: class 4 is out of range for a model with 4 classes (0..3)\n"
+    )
+
+
+def test_npy_format_versions(cam_ort, models, tmp_path):
+    """numpy's .npy versions 1.0, 2.0 (4-byte header length) and 3.0 read alike."""
+    path, x = models["shapes"]
+    names = []
+    for version in ((1, 0), (2, 0), (3, 0)):
+        names.append(tmp_path / f"v{version[0]}.npy")
+        with open(names[-1], "wb") as file:
+            np.lib.format.write_array(file, x[0].numpy(), version=version)
+    run(cam_ort, path, *names, "--out", tmp_path / "out", "--save-input")
+    for name in names:
+        got = np.load(tmp_path / "out" / f"{name.stem}.input.npy")
+        np.testing.assert_array_equal(got, x[0].numpy())

@@ -33,20 +33,23 @@ Runs a model exported by cam_engine.export.to_onnx and writes, per image, into -
   predictions.tsv       name, then class:logit for each explained class
 INPUT: binary PPM (P6) / PGM (P5) images, resized to the model's input size and normalised with
   its mean/std (metadata); or float32 .npy model inputs (C, H, W) / (B, C, H, W), used as given.
+  A malformed input, or an option out of range, stops the run (exit code 2) with the reason.
 
 options:
   --out DIR             output folder (default cam_ort_out)
   --provider NAME       cpu (default), cuda or tensorrt (TensorRT falls back to CUDA, then CPU)
-  --device N            GPU index for cuda / tensorrt (default 0)
-  --batch N             images per run (default: all at once; the model's batch if fixed)
-  --size HxW            input size for models exported with dynamic_size (default: metadata's)
+  --device N            GPU index for cuda / tensorrt, 0..1023 (default 0)
+  --batch N             images per run, 1..4096 (default: all at once; the model's batch if fixed)
+  --size HxW            input size for models exported with dynamic_size, sides 1..16384
+                        (default: metadata's)
   --classes C1,C2,...   classes to explain, for models exported with classes_input=True
-  --threads N           ONNX Runtime intra-op threads (default: ORT's choice)
+  --threads N           ONNX Runtime intra-op threads, 1..1024 (default: ORT's choice)
   --colormap NAME       overlay colours: jet (default) or gray
   --no-overlay          write no .ppm overlays
   --save-input          also write <name>.input.npy: the preprocessed model input (C, H, W)
-  --bench N             time N more runs of the first batch: latency percentiles, images/s
-  --warmup N            untimed runs before --bench (default 3)
+  --bench N             time N (1..1000000) more runs of the first batch: latency percentiles,
+                        images/s
+  --warmup N            untimed runs before --bench, 0..1000000 (default 3)
   --trt-cache DIR       TensorRT engine cache folder
 )";
 
@@ -58,15 +61,19 @@ struct Options {
     bool overlays = true, save_input = false;
 };
 
-int to_int(const std::string& text, const std::string& option) {
-    try {
-        size_t used = 0;
-        int value = std::stoi(text, &used);
-        if (used == text.size() && value >= 0) return value;
-    } catch (const std::exception&) {
-    }
-    throw std::runtime_error(option + " expects a non-negative integer, got '" + text + "'");
+// The integer `text` of an option, digits only (no sign, no spaces), in [min, max].
+int to_int(const std::string& text, const std::string& option, int min, int max) {
+    uint64_t value = 0;
+    if (!parse_decimal(text, static_cast<uint64_t>(max), value) ||
+        value < static_cast<uint64_t>(min))
+        throw std::runtime_error(option + " expects an integer in " + std::to_string(min) + ".." +
+                                 std::to_string(max) + ", got '" + shown(text) + "'");
+    return static_cast<int>(value);
 }
+
+// Bounds of the numeric options: beyond them a value is a typo, not a request.
+constexpr int kMaxBatch = 4096, kMaxDevice = 1023, kMaxThreads = 1024, kMaxRuns = 1000000,
+              kMaxSide = 16384;
 
 Options parse_options(int argc, char** argv) {
     Options o;
@@ -85,15 +92,15 @@ Options parse_options(int argc, char** argv) {
         } else if (arg == "--provider") {
             o.provider = value();
         } else if (arg == "--device") {
-            o.device = to_int(value(), arg);
+            o.device = to_int(value(), arg, 0, kMaxDevice);
         } else if (arg == "--batch") {
-            o.batch = to_int(value(), arg);
+            o.batch = to_int(value(), arg, 1, kMaxBatch);
         } else if (arg == "--threads") {
-            o.threads = to_int(value(), arg);
+            o.threads = to_int(value(), arg, 1, kMaxThreads);
         } else if (arg == "--bench") {
-            o.bench = to_int(value(), arg);
+            o.bench = to_int(value(), arg, 1, kMaxRuns);
         } else if (arg == "--warmup") {
-            o.warmup = to_int(value(), arg);
+            o.warmup = to_int(value(), arg, 0, kMaxRuns);
         } else if (arg == "--colormap") {
             o.colormap = value();
         } else if (arg == "--trt-cache") {
@@ -105,13 +112,26 @@ Options parse_options(int argc, char** argv) {
         } else if (arg == "--size") {
             const std::string size = value();
             const size_t x = size.find('x');
-            if (x == std::string::npos) throw std::runtime_error("--size expects HxW, got " + size);
-            o.height = to_int(size.substr(0, x), arg);
-            o.width = to_int(size.substr(x + 1), arg);
+            uint64_t height = 0, width = 0;
+            if (x == std::string::npos ||
+                !parse_decimal(size.substr(0, x), kMaxSide, height) ||
+                !parse_decimal(size.substr(x + 1), kMaxSide, width) || !height || !width)
+                throw std::runtime_error("--size expects HxW with sides in 1.." +
+                                         std::to_string(kMaxSide) + ", got '" +
+                                         shown(size) + "'");
+            o.height = static_cast<int>(height);
+            o.width = static_cast<int>(width);
         } else if (arg == "--classes") {
-            std::stringstream list(value());
-            for (std::string item; std::getline(list, item, ',');)
-                o.classes.push_back(to_int(item, arg));
+            const std::string list = value();
+            for (size_t start = 0, end = 0; end != std::string::npos; start = end + 1) {
+                end = list.find(',', start);
+                uint64_t c = 0;
+                if (!parse_decimal(list.substr(start, end - start),
+                                           std::numeric_limits<int>::max(), c))
+                    throw std::runtime_error("--classes expects class indices 0,1,..., got '" +
+                                             shown(list) + "'");
+                o.classes.push_back(static_cast<int64_t>(c));
+            }
         } else if (arg.rfind("--", 0) == 0) {
             throw std::runtime_error("unknown option " + arg + " (see --help)");
         } else {
@@ -132,6 +152,7 @@ Options parse_options(int argc, char** argv) {
 // What to_onnx stored under the "cam_engine" metadata key, as the runner needs it.
 struct Model {
     int channels = 3, height = 0, width = 0, fixed_batch = 0, topk = 1;  // fixed_batch 0: dynamic
+    int64_t num_classes = 0;
     bool dynamic_size = false, takes_classes = false;
     std::array<float, 3> mean{}, std{};
     float alpha = 0.5f;
@@ -149,6 +170,7 @@ Model read_metadata(const Json& meta) {
     m.dynamic_size = meta.at("dynamic_size").boolean;
     m.takes_classes = meta.at("inputs").has("classes");
     m.topk = static_cast<int>(meta.at("topk").integer());
+    m.num_classes = meta.at("num_classes").integer();
     m.alpha = static_cast<float>(meta.at("alpha").number);
     for (int c = 0; c < 3; ++c) {
         m.mean[c] = static_cast<float>(meta.at("mean").array.at(c).number);
@@ -231,11 +253,15 @@ std::vector<Sample> load_inputs(const Options& o, const Model& m) {
             continue;
         }
         Array a = read_npy(path);
+        const std::string given = shape_text(a.shape);
         if (a.shape.size() == 3) a.shape.insert(a.shape.begin(), 1);
-        if (a.shape.size() != 4 || a.shape[1] != m.channels)
+        const auto side = [](int64_t d) { return d >= 1 && d <= std::numeric_limits<int>::max(); };
+        if (a.shape.size() != 4 || a.shape[1] != m.channels ||
+            !std::all_of(a.shape.begin(), a.shape.end(), side))
             throw std::runtime_error(path + ": expected a float32 (B, " +
                                      std::to_string(m.channels) + ", H, W) or (" +
-                                     std::to_string(m.channels) + ", H, W) array");
+                                     std::to_string(m.channels) +
+                                     ", H, W) array with no empty dimension, got shape " + given);
         const size_t size = static_cast<size_t>(a.shape[1] * a.shape[2] * a.shape[3]);
         for (int64_t b = 0; b < a.shape[0]; ++b) {
             Planar x{static_cast<int>(a.shape[1]), static_cast<int>(a.shape[2]),
@@ -426,6 +452,12 @@ int run(const Options& o) {
                                                        std::to_string(m.topk) +
                                                        " classes; --classes needs a model "
                                                        "exported with classes_input=True");
+    for (int64_t c : o.classes)
+        if (c >= m.num_classes)
+            throw std::runtime_error("--classes: class " + std::to_string(c) +
+                                     " is out of range for a model with " +
+                                     std::to_string(m.num_classes) + " classes (0.." +
+                                     std::to_string(m.num_classes - 1) + ")");
     if ((o.height || o.width) && !m.dynamic_size)
         throw std::runtime_error("--size needs a model exported with dynamic_size=True; this one "
                                  "takes " + std::to_string(m.height) + "x" +
