@@ -101,14 +101,16 @@ def aug_smooth(
 
 @dataclass(frozen=True)
 class BaseOptions(MethodOptions):
-    """A meta-method's base: ``base`` (a registered method, not a composition), its own
-    ``base_options`` and ``eigen_smooth``."""
+    """A meta-method's base: ``base`` (a registered method, not a composition; ``None``: the
+    meta-method's default), its own ``base_options`` and ``eigen_smooth``."""
 
-    base: str = ""
+    base: str | None = None
     base_options: Mapping[str, Any] | None = None
     eigen_smooth: bool = False
 
     def __post_init__(self) -> None:
+        if self.base is None:  # the meta-method's own default
+            object.__setattr__(self, "base", type(self).__dataclass_fields__["base"].default)
         base = methods.get(self.base)
         if base.composition:
             raise ValueError(f"the base of a meta-method cannot be {base.name!r}")

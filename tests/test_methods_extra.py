@@ -138,7 +138,7 @@ def test_finercam_default_ranks_fit_a_three_class_model():
     (grads,) = torch.autograd.grad(torch.stack(scores).sum(), features)
     expected = (grads.mean((2, 3))[..., None, None] * features.detach()).sum(1).relu()
     assert_close(res.cams[:, 0], expected, atol=1e-12, rtol=1e-9)
-    assert torch.equal(res.logits, logits.detach())
+    assert_close(res.logits, logits.detach(), atol=1e-12, rtol=0)
 
 
 class CurvedHead(nn.Module):
@@ -250,7 +250,9 @@ def test_smoothgradcampp_matches_torchcam(request, name, layer):
 @pytest.mark.parametrize("method", ["sscam", "iscam"])
 def test_sscam_iscam_match_torchcam(resnet18, method):
     x, layer, samples = images(2, 32), "layer2", 3
-    options = {"num_samples": samples, "generator": torch.Generator().manual_seed(9)}
+    options = {"num_samples": samples}
+    if method == "sscam":  # IS-CAM draws no noise
+        options["generator"] = torch.Generator().manual_seed(9)
     # one chunk of masks per pass (2 images x 128 channels): one noise draw per pass, as torchcam
     engine = ce.CAMEngine(resnet18, layer, method, batch_size=256, method_options=options)
     res = engine(x, [4, 2])
