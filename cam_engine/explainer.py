@@ -190,8 +190,10 @@ class LayerExplainer:
             class_ids=class_ids,
             graph=method.needs_gradients or method.needs_head_graph,
         )
-        if method.needs_gap_head and record.closed_form is None:
-            raise ValueError(self.no_gap_message())
+        if method.needs_gap_head:  # the head's structure, whether its closed form is used or not
+            gap = self.cam_model.gap_linear
+            if gap is None or not gap.applies(record.features):
+                raise ValueError(self.no_gap_message())
         with record_function("targets"):
             resolved = targets if isinstance(targets, Resolved) else resolve(targets, record.output)
         grads = None
