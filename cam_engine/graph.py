@@ -15,15 +15,21 @@ Three ways to build the split, tried in order:
    frozen in the train/eval mode of the moment it was built.
 3. ``"hook"``: a forward hook on the target module replaces its output by a leaf that requires
    grad and switches autograd on for the rest of the forward; no backward hooks.
+
+Tracing is serialised by :data:`TRACE_LOCK` and leaves other threads' plain ``model(x)`` calls
+alone (see :func:`tracing`); a ``HookCapture`` may run in several threads at once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import io
 import math
+import threading
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,11 +37,57 @@ import torch
 import torch.fx as fx
 import torchvision
 from torch import Tensor, nn
+from torch.fx import _symbolic_trace
 from torchvision.models.feature_extraction import NodePathTracer
 
 from .layers import unknown_layer_error
 
-__all__ = ["Graph", "Split", "trace", "split", "find_module_output"]
+__all__ = ["Graph", "Split", "TRACE_LOCK", "trace", "tracing", "split", "find_module_output"]
+
+#: held while this process traces a model with torch.fx or torch.export (see :func:`tracing`)
+TRACE_LOCK = threading.RLock()
+
+
+class _ThisThreadPatcher(_symbolic_trace._Patcher):
+    """fx's patcher, except that what it patches on a class is seen by the patching thread only.
+
+    ``fx.Tracer.trace`` (which ``torch.export`` runs too, through ``make_fx``) swaps
+    ``nn.Module.__call__`` and ``nn.Module.__getattr__`` on the class, so for every thread: a
+    plain ``m(x)`` running elsewhere meanwhile would be recorded into the graph being traced, read
+    its parameters as proxies, or fail ("module is not installed as a submodule"). Here each
+    patched method calls the tracer's version in the thread that patched it and what the class
+    had before in every other thread. The module-level functions fx also patches (``math.sqrt``,
+    ``torch.fx.wrap`` targets) behave differently only when given proxies, which other threads
+    never pass.
+    """
+
+    def patch_method(
+        self, cls: type, name: str, new_fn: Callable[..., Any], deduplicate: bool = True
+    ) -> None:
+        tracing_thread, previous = threading.get_ident(), getattr(cls, name)
+
+        @functools.wraps(new_fn)
+        def in_tracing_thread_only(*args: Any, **kwargs: Any) -> Any:
+            patched = threading.get_ident() == tracing_thread
+            return (new_fn if patched else previous)(*args, **kwargs)
+
+        super().patch_method(cls, name, in_tracing_thread_only, deduplicate)
+
+
+@contextlib.contextmanager
+def tracing() -> Iterator[None]:
+    """Hold :data:`TRACE_LOCK` and confine the tracers' class patches to this thread.
+
+    torch.fx finds its patcher class by its module-level name ``_Patcher`` each time it traces;
+    for as long as this context lasts, that name is :class:`_ThisThreadPatcher`. Re-entrant.
+    """
+    with TRACE_LOCK:
+        saved = _symbolic_trace._Patcher
+        _symbolic_trace._Patcher = _ThisThreadPatcher
+        try:
+            yield
+        finally:
+            _symbolic_trace._Patcher = saved
 
 
 class _ModuleOutputTracer(NodePathTracer):
@@ -131,9 +183,34 @@ def _trace_fx(model: nn.Module) -> Graph:
     return Graph(gm, "fx", names, module_names, repeated)
 
 
+def _module_tree_copy(model: nn.Module) -> nn.Module:
+    """``model`` with each module object copied, its parameters, buffers and hooks shared.
+
+    Non-strict ``torch.export`` swaps a module's parameters and buffers for fake tensors while
+    it traces; on a copy of the module tree, other threads running ``model`` keep the real ones.
+    """
+    copies: dict[int, nn.Module] = {}
+
+    def copy_tree(module: nn.Module) -> nn.Module:
+        if id(module) not in copies:  # a module reused in several places stays one module
+            twin = copies[id(module)] = copy.copy(module)
+            twin._parameters = dict(module._parameters)
+            twin._buffers = dict(module._buffers)
+            twin._modules = {
+                name: None if child is None else copy_tree(child)
+                for name, child in module._modules.items()
+            }
+        return copies[id(module)]
+
+    return copy_tree(model)
+
+
 def _trace_export(model: nn.Module, example: Tensor) -> Graph:
     batch = torch.export.Dim("batch", min=1)
-    gm = torch.export.export(model, (example,), dynamic_shapes=({0: batch},), strict=False).module()
+    program = torch.export.export(
+        _module_tree_copy(model), (example,), dynamic_shapes=({0: batch},), strict=False
+    )
+    gm = program.module()
     nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
     members: dict[str, set[fx.Node]] = {}
     for node in nodes:
@@ -153,22 +230,26 @@ def _trace_export(model: nn.Module, example: Tensor) -> Graph:
 def trace(model: nn.Module, example: Tensor | None = None) -> tuple[Graph | None, list[str]]:
     """Trace ``model`` with FX, else with ``torch.export`` (which needs ``example``).
 
+    Runs inside :func:`tracing`: one trace at a time in the process, and other threads may keep
+    calling ``model`` meanwhile.
+
     Returns:
         the graph (``None`` when neither tracer succeeds) and one line per failed attempt.
     """
     failures = []
-    try:
-        return _trace_fx(model), failures
-    except Exception as exc:  # any tracing error means "use the next strategy"
-        failures.append(f"torch.fx: {type(exc).__name__}: {first_line(exc)}")
-    if example is not None:
+    with tracing():
         try:
-            # a failed export prints its partial graph to stderr; the fallback is expected
-            with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
-                warnings.simplefilter("ignore")
-                return _trace_export(model, example), failures
-        except Exception as exc:
-            failures.append(f"torch.export: {type(exc).__name__}: {first_line(exc)}")
+            return _trace_fx(model), failures
+        except Exception as exc:  # any tracing error means "use the next strategy"
+            failures.append(f"torch.fx: {type(exc).__name__}: {first_line(exc)}")
+        if example is not None:
+            try:
+                # a failed export prints its partial graph to stderr; the fallback is expected
+                with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+                    warnings.simplefilter("ignore")
+                    return _trace_export(model, example), failures
+            except Exception as exc:
+                failures.append(f"torch.export: {type(exc).__name__}: {first_line(exc)}")
     return None, failures
 
 
@@ -265,6 +346,9 @@ class HookCapture:
     During :meth:`explain_forward` autograd is off until the target module returns; the hook then
     replaces its output by a leaf ``A`` that requires grad and turns autograd on, so the rest of the
     forward (the head) is recorded and ``torch.autograd.grad(scores, A)`` stops at ``A``.
+
+    Several threads may run it at once: each call's hook, although registered on the shared
+    module, acts on that module's runs in the calling thread only (grad mode is per thread too).
     """
 
     def __init__(self, model: nn.Module, module: nn.Module) -> None:
@@ -274,8 +358,11 @@ class HookCapture:
     def run(self, x: Tensor, grad_head: bool) -> tuple[Tensor, Any]:
         """Returns ``(A, output)``; with ``grad_head``, ``A`` is a leaf requiring grad."""
         captured: list[Tensor] = []
+        caller = threading.get_ident()
 
         def hook(module: nn.Module, inputs: Any, output: Any) -> Tensor | None:
+            if threading.get_ident() != caller:
+                return None
             if not isinstance(output, Tensor):
                 raise ValueError(
                     f"the target layer returns {type(output).__name__}, not a tensor; "

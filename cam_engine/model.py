@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 import warnings
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +29,8 @@ OutputSelector = int | str | Callable[[Any], Tensor] | None
 CompileOptions = bool | dict[str, Any]
 #: ``torch.compile`` modes that replay CUDA graphs
 CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+#: splits a CAMModel keeps (one per mode, device and dtype; per input shape for torch.export)
+SPLITS_KEPT = 8
 
 
 def select_output(output: Any, selector: OutputSelector = None) -> Tensor:
@@ -128,8 +132,13 @@ class CAMModel(nn.Module):
 
     The split is built with torch.fx, else ``torch.export``, else a forward-hook capture
     (:attr:`split_kind` says which; :attr:`notes` why an earlier way failed). It is rebuilt when
-    the model's train/eval mode, device or dtype changes, since traced graphs depend on them. The
-    wrapped model is never modified: its mode, modules and parameters stay as the caller set them.
+    the model's train/eval mode, device or dtype changes, since traced graphs depend on them; the
+    last :data:`SPLITS_KEPT` splits are kept. The wrapped model is never modified: its mode,
+    modules and parameters stay as the caller set them.
+
+    Threads may call one CAMModel at once: a split is built by one of them while the others wait
+    for it, and a plain ``model(x)`` elsewhere is safe while it is traced (see
+    :func:`cam_engine.graph.tracing`).
 
     Args:
         model: a classifier.
@@ -180,7 +189,8 @@ class CAMModel(nn.Module):
         #: ``None``: channels-last trunk input on the CPU only; ``True``: everywhere; ``False``
         self.channels_last = channels_last
         self._requested = target_layer
-        self._built: dict[tuple, _Built] = {}
+        self._built: OrderedDict[tuple, _Built] = OrderedDict()  # least recently used first
+        self._lock = threading.RLock()
         built = self.current()
         self._requested = built.target_layer if built.kind != "hook" else target_layer
 
@@ -211,15 +221,33 @@ class CAMModel(nn.Module):
         are re-exported per input shape (the batch size stays dynamic).
         """
         key = _state_key(self.model)
-        if key not in self._built:
-            self._built[key] = self._build(self._example())
-        built = self._built[key]
+        built = self._cached(key)
         if built.kind == "export" and x is not None and tuple(x.shape[1:]) != built.input_shape:
-            key = (*key, tuple(x.shape[1:]))
-            if key not in self._built:
-                self._built[key] = self._build(self._example(tuple(x.shape[1:])))
-            built = self._built[key]
+            built = self._cached((*key, tuple(x.shape[1:])), tuple(x.shape[1:]))
         return built
+
+    def _cached(self, key: tuple, shape: tuple[int, ...] | None = None) -> _Built:
+        """The split under ``key``, built for an example of ``shape`` (C, H, W) when missing.
+
+        A build holds the lock, so a thread wanting the same split waits for it instead of
+        building it again or seeing it half-built.
+        """
+        with self._lock:
+            if key in self._built:
+                self._built.move_to_end(key)
+                return self._built[key]
+            built = self._built[key] = self._build(self._example(shape))
+            if len(self._built) > SPLITS_KEPT:
+                self._built.popitem(last=False)
+            return built
+
+    def __getstate__(self) -> dict[str, Any]:
+        # a lock can be neither copied nor pickled: each copy makes its own
+        return {k: v for k, v in super().__getstate__().items() if k != "_lock"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._lock = threading.RLock()
 
     def _example(self, shape: tuple[int, ...] | None = None) -> Tensor:
         tensor = next(self.model.parameters(), None)
