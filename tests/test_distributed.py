@@ -7,7 +7,6 @@ each, also after a rerun, a killed actor or a killed driver.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import os
 import shutil
@@ -27,6 +26,7 @@ import cam_engine as ce
 from cam_engine import cli
 from cam_engine.demo import shapes
 from cam_engine.demo.model import ShapesNet
+from cam_engine.pipeline import ExplainConfig, compute
 
 HERE = Path(__file__).resolve()
 
@@ -305,11 +305,13 @@ def test_killed_driver_then_rerun_completes_once(
 
     out = tmp_path / "out"
     address = ray_cluster.get_runtime_context().gcs_address
-    script = Path(sys.executable).with_name("cam-engine")
-    command = [str(script), "explain", str(many_images), *MODEL, "--out", str(out)]
+    command = [sys.executable, "-m", "cam_engine.cli", "explain", str(many_images), *MODEL]
     with open(tmp_path / "driver.log", "w") as log:
-        driver = subprocess.Popen(
-            [*command, "--batch-size", "2", "--ray", address], stdout=log, stderr=log
+        driver = subprocess.Popen(  # this tree's code: -m imports it from the working directory
+            [*command, "--out", str(out), "--batch-size", "2", "--ray", address],
+            cwd=HERE.parents[1],
+            stdout=log,
+            stderr=log,
         )
         killer = _KillAtFirstShard(out, lambda: [driver.pid])
         killer.run()
@@ -332,7 +334,6 @@ def test_an_image_that_fails_to_explain_is_recorded_and_the_others_written(
     """The actor's own code, in this process: a batch whose engine call fails is redone image
     by image; only the culprit is recorded (with the reason), the others are explained."""
     pytest.importorskip("ray")
-    from cam_engine.commands import explain
     from cam_engine.distributed import read_heatmaps
     from cam_engine.distributed.worker import Explainer, decode
 
@@ -340,18 +341,16 @@ def test_an_image_that_fails_to_explain_is_recorded_and_the_others_written(
     paths = np.array([str(images / key) for key in keys])
     batch = decode({"path": paths, "key": np.array(keys)}, (64, 64))
     culprit = torch.from_numpy(batch["input"][1])
-    engine_call = explain.explain_batch
+    engine_call = compute.explain_batch
 
     def fails_on_culprit(engine, loaded, decoded, targets):
         if any(torch.equal(x, culprit) for x in decoded.inputs):
             raise RuntimeError("CUDA out of memory (simulated)")
         return engine_call(engine, loaded, decoded, targets)
 
-    monkeypatch.setattr(explain, "explain_batch", fails_on_culprit)
-    parser = argparse.ArgumentParser()
-    explain.add_arguments(parser)
-    args = parser.parse_args([str(images), *MODEL, "--out", str(tmp_path), "--save", "npz"])
-    returned = Explainer(args, "cpu", None)(batch)
+    monkeypatch.setattr(compute, "explain_batch", fails_on_culprit)
+    config = ExplainConfig([images], MODEL_SPEC, tmp_path, save="npz", **OPTIONS)
+    returned = Explainer(config, "cpu", None)(batch)
 
     assert returned["image"].tolist() == keys
     assert returned["ok"].tolist() == [True, False, False, True]
