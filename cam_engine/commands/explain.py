@@ -16,6 +16,7 @@ import cam_engine as ce
 
 from .. import pipeline
 from ..engine import CAMEngine
+from ..io import MAX_PIXELS
 from ..loading import LoadedModel
 from ..pipeline.config import SAVE_CHOICES, default_workers
 from ..postprocess import available_colormaps
@@ -84,11 +85,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--colormap", default="jet", help=f"one of {', '.join(available_colormaps())}"
     )
     parser.add_argument("--alpha", type=float, default=0.5, help="weight of the colour overlay")
-    parser.add_argument("--out", type=Path, default=Path("out/explain"), help="output folder")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("out/explain"),
+        help="output folder (never read as input); a rerun of the same command skips the "
+        "images already done there",
+    )
     parser.add_argument(
         "--save",
         default="png,sheet,npz",
         help=f"comma-separated, of {','.join(SAVE_CHOICES)} (predictions.csv is always written)",
+    )
+    parser.add_argument(
+        "--max-pixels",
+        type=int,
+        default=MAX_PIXELS,
+        help="skip images with more pixels, read from the file's header before decoding "
+        f"(decompression bombs); default {MAX_PIXELS}, Pillow's limit",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete the outputs that --out holds from other settings, instead of refusing; "
+        "a rerun with the same settings resumes without it",
     )
     parser.add_argument(
         "--ray",
@@ -96,8 +116,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         const="local",
         metavar="ADDRESS",
         help='explain on a Ray cluster (pip install "cam-engine[ray]"): auto, host:6379 or '
-        "ray://host:10001; bare --ray (after the images) starts a local one. Resumable: a rerun "
-        "skips the images already done in --out; npz means heatmaps in Parquet shards",
+        "ray://host:10001; bare --ray (after the images) starts a local one; npz means heatmaps "
+        "in Parquet shards",
     )
     parser.add_argument(
         "--actors",

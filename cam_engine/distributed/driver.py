@@ -14,15 +14,14 @@ import dataclasses
 import math
 import os
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import ray
 import torch
 
-from ..io import find_images, image_keys
-from ..pipeline import ExplainConfig, Summary, check_model, load, report
+from ..pipeline import ExplainConfig, Summary, check_model, load, run_job
+from ..pipeline.config import absolute
 from .store import Store
 from .worker import Explainer, decode
 
@@ -66,37 +65,8 @@ def explain_dataset(
         raise TypeError("explain_dataset needs images, out and model, or a config")
     else:
         config = ExplainConfig(images=images, model=model, out=out, **options)
-    return _run(dataclasses.replace(config, ray=ray_address or config.ray or "local"))
-
-
-def _run(config: ExplainConfig) -> Summary:
-    config = _portable(config)
-    paths = find_images(config.images)
-    keys = image_keys(paths)
-    store = Store(config.out)
-    store.check_job(config.settings())
-    store.clear_temp()
-    finished = store.finished()
-    pending = [(str(p), k) for p, k in zip(paths, keys, strict=True) if k not in finished]
-    print(
-        f"{len(keys) - len(pending)} of {len(keys)} images already done in {config.out}",
-        file=sys.stderr,
-    )
-    start = time.perf_counter()
-    if pending:
-        input_size, state = _check_model(config)
-        started = _connect(config.ray)
-        try:
-            _execute(config, pending, input_size, state)
-        finally:
-            if started:
-                ray.shutdown()
-    seconds = time.perf_counter() - start
-    explained, skipped = store.consolidate(keys)
-    store.clear_temp()
-    summary = Summary(len(keys), explained, skipped, len(pending), seconds)
-    report(summary, config.out)
-    return summary
+    config = _portable(dataclasses.replace(config, ray=ray_address or config.ray or "local"))
+    return run_job(config, Store(config.out), lambda paths, keys: _on_ray(config, paths, keys))
 
 
 def _portable(config: ExplainConfig) -> ExplainConfig:
@@ -105,20 +75,21 @@ def _portable(config: ExplainConfig) -> ExplainConfig:
         config,
         images=[str(Path(p).absolute()) for p in config.images],
         out=config.out.absolute(),
-        labels=config.labels.absolute() if config.labels else None,
-        weights=_absolute(config.weights),
-        model=_absolute(config.model),
+        labels=absolute(config.labels),
+        weights=absolute(config.weights),
+        model=absolute(config.model),
     )
 
 
-def _absolute(spec: str | None) -> str | None:
-    """An existing file (or the file of ``file.py:function``) as an absolute path."""
-    if spec is None:
-        return None
-    path, sep, function = spec.rpartition(".py:")
-    if sep and Path(path + ".py").is_file():
-        return f"{Path(path + '.py').absolute()}:{function}"
-    return str(Path(spec).absolute()) if Path(spec).is_file() else spec
+def _on_ray(config: ExplainConfig, paths: list[Path], keys: list[str]) -> None:
+    """Explain the images on Ray: the actors write their outputs into ``config.out``."""
+    input_size, state = _check_model(config)
+    started = _connect(config.ray)
+    try:
+        _execute(config, paths, keys, input_size, state)
+    finally:
+        if started:
+            ray.shutdown()
 
 
 def _check_model(config: ExplainConfig) -> tuple[tuple[int, int], dict[str, torch.Tensor]]:
@@ -162,20 +133,26 @@ def _placement(config: ExplainConfig) -> tuple[str, dict[str, float], int]:
 
 def _execute(
     config: ExplainConfig,
-    pending: list[tuple[str, str]],
+    paths: list[Path],
+    keys: list[str],
     size: tuple[int, int],
     state: dict[str, torch.Tensor],
 ) -> None:
-    """Run the pipeline over the ``pending`` (path, key) pairs; the actors write the outputs."""
+    """Run the pipeline over the images; the actors write the outputs."""
     device, needs, actors = _placement(config)
-    blocks = math.ceil(len(pending) / config.batch_size)
+    blocks = math.ceil(len(paths) / config.batch_size)
     actors = min(actors, blocks)  # an actor without a batch would only load the model
-    print(f"{len(pending)} images to explain, {actors} actors on {device}", file=sys.stderr)
-    data = ray.data.from_items(
-        [{"path": path, "key": key} for path, key in pending], override_num_blocks=blocks
-    )
+    print(f"{len(paths)} images to explain, {actors} actors on {device}", file=sys.stderr)
+    items = [  # as bytes: a file name need not be UTF-8, which Arrow's strings must be
+        {"path": os.fsencode(path), "key": os.fsencode(key)}
+        for path, key in zip(paths, keys, strict=True)
+    ]
+    data = ray.data.from_items(items, override_num_blocks=blocks)
     data = data.map_batches(
-        decode, fn_kwargs={"size": size}, batch_size=config.batch_size, batch_format="numpy"
+        decode,
+        fn_kwargs={"size": size, "max_pixels": config.max_pixels},
+        batch_size=config.batch_size,
+        batch_format="numpy",
     )
     data = data.map_batches(
         Explainer,

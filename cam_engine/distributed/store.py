@@ -6,12 +6,14 @@ Layout of ``out/`` (pictures and the two CSV files as written by ``cam-engine ex
     shards/<id>.parquet     one per batch: image, class_id, class_name, score (lists of K),
                             height, width, heatmaps (K * H * W float32 bytes, or null)
     failures/<id>.parquet   one per batch with unreadable images: image, reason
+                            (``image``: the output name, :func:`cam_engine.pipeline.output_name`)
     overlays/, sheets/      the pictures, ``<image>.<class_id>.png`` and ``<image>.png``
     predictions.csv         image, class_id, class_name, score: rows in the inputs' order
     skipped.csv             image, reason
-    .tmp/                   files being written
+    .tmp/, .lock            files being written; the lock of the run writing
 
-Every file is written atomically (:class:`cam_engine.pipeline.OutputFolder`). A batch's shard is
+The folder has one run at a time, is bound to its settings, and every file in it is written
+atomically (:class:`cam_engine.pipeline.OutputFolder`). A batch's shard is
 renamed after its pictures, so an image in a shard is complete. Shard ids hash the batch's image
 keys: a batch that Ray retries after a crash replaces its own shard.
 """
@@ -28,7 +30,7 @@ import pyarrow as pa
 import pyarrow.dataset as pds
 import pyarrow.parquet as pq
 
-from ..pipeline import Explained, OutputFolder
+from ..pipeline import Explained, OutputFolder, output_name
 
 __all__ = ["Store", "read_heatmaps"]
 
@@ -51,11 +53,7 @@ FAILURE_SCHEMA = pa.schema([("image", pa.string()), ("reason", pa.string())])
 class Store(OutputFolder):
     """Reads and writes the output folder ``out`` (see the module's docstring)."""
 
-    def has_outputs(self) -> bool:
-        return bool(self._files(SHARDS) or self._files(FAILURES))
-
     def finished(self) -> set[str]:
-        """Keys of the images with an outcome: explained (a shard) or unreadable (a failure)."""
         found = set()
         for folder in (SHARDS, FAILURES):
             table = self._read(folder, ["image"])
@@ -69,11 +67,11 @@ class Store(OutputFolder):
         ``failures`` are (key, reason). Both files are named by the hash of all the batch's
         keys, so writing the same batch again replaces them.
         """
-        name = _batch_id([r.key for r in results] + [key for key, _ in failures])
+        keys = [r.key for r in results] + [key for key, _ in failures]
+        name = _batch_id([output_name(key) for key in keys])
         if failures:
-            table = pa.Table.from_pylist(
-                [{"image": key, "reason": reason} for key, reason in failures], FAILURE_SCHEMA
-            )
+            rows = [{"image": output_name(key), "reason": reason} for key, reason in failures]
+            table = pa.Table.from_pylist(rows, FAILURE_SCHEMA)
             self._write_table(self.out / FAILURES / f"{name}.parquet", table)
         if results:
             self._write_table(self.out / SHARDS / f"{name}.parquet", _shard_table(results))
@@ -81,20 +79,22 @@ class Store(OutputFolder):
     def consolidate(self, keys: Sequence[str]) -> tuple[int, list[tuple[str, str]]]:
         """Write ``predictions.csv`` and ``skipped.csv`` of the images ``keys``, in that order.
 
-        Returns:
-            (how many of them were explained, (key, reason) of the unreadable ones).
-
         Raises:
             RuntimeError: an image has neither a shard nor a failure record.
         """
         explained = self._first_rows(SHARDS, ["image", "class_id", "class_name", "score"])
         failed = self._first_rows(FAILURES, ["image", "reason"])
-        reasons = {key: row["reason"] for key, row in failed.items()}
-        skipped = self.write_tables(keys, explained, reasons)
+        names = {key: output_name(key) for key in keys}
+        skipped = self.write_tables(
+            keys,
+            {key: explained[name] for key, name in names.items() if name in explained},
+            {key: failed[name]["reason"] for key, name in names.items() if name in failed},
+        )
         return len(keys) - len(skipped), skipped
 
     def heatmaps(self) -> Iterator[tuple[str, np.ndarray]]:
-        """(key, heatmaps (K, H, W) float32 in [0, 1]) of every explained image, shard by shard."""
+        """(output name, heatmaps (K, H, W) float32 in [0, 1]) of every explained image, shard
+        by shard."""
         seen: set[str] = set()
         columns = ["image", "class_id", "height", "width", "heatmaps"]
         for path in self._files(SHARDS):
@@ -126,20 +126,16 @@ class Store(OutputFolder):
         return rows
 
     def _write_table(self, path: Path, table: pa.Table) -> None:
-        def write(temp: Path) -> None:
-            with open(temp, "wb") as file:
-                pq.write_table(table, file)
-                file.flush()
-                os.fsync(file.fileno())  # the rename commits the batch: its data first
-
-        self.replace(path, write)
+        self.commit(path, lambda temp: pq.write_table(table, str(temp)))
 
 
 def read_heatmaps(out: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]]:
-    """(image key, heatmaps (K, H, W) float32 in [0, 1]) of every image explained into ``out``.
+    """(output name, heatmaps (K, H, W) float32 in [0, 1]) of every image explained into ``out``.
 
     The maps are at the image's original size, in ``predictions.csv``'s order of classes,
-    as ``numpy.load("heatmaps.npz")[key]`` of ``cam-engine explain`` without ``--ray``.
+    as ``numpy.load("heatmaps.npz")[name]`` of ``cam-engine explain`` without ``--ray``. The
+    output name is the image's key (``predictions.csv``'s ``image``) unless that is not
+    printable UTF-8 or too long (:func:`cam_engine.pipeline.output_name`).
     """
     return Store(out).heatmaps()
 
@@ -152,7 +148,7 @@ def _shard_table(results: list[Explained]) -> pa.Table:
     return pa.Table.from_pylist(
         [
             {
-                "image": r.key,
+                "image": output_name(r.key),
                 "class_id": r.classes,
                 "class_name": r.names,
                 "score": r.scores,

@@ -7,31 +7,35 @@ fails) and makes the heatmaps, :func:`cam_engine.pipeline.pictures` the pictures
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..io import Batch, ImageFolder
-from ..pipeline import ExplainConfig, explain_images, load, pictures
+from ..io import MAX_PIXELS, Batch, ImageFolder
+from ..pipeline import ExplainConfig, explain_images, load, output_name, pictures
 from .store import Store
 
 __all__ = ["decode", "Explainer"]
 
 
-def decode(batch: dict[str, np.ndarray], size: tuple[int, int]) -> dict[str, np.ndarray]:
+def decode(
+    batch: dict[str, np.ndarray], size: tuple[int, int], max_pixels: int = MAX_PIXELS
+) -> dict[str, np.ndarray]:
     """Decode image files as ``cam-engine explain`` does; unreadable ones keep a reason.
 
     Args:
-        batch: N rows: ``path`` (str), ``key`` (str).
+        batch: N rows: ``path``, ``key`` (bytes, :func:`os.fsencode`: names need not be UTF-8).
         size: (S_h, S_w) the model input size.
+        max_pixels: larger images are not decoded (see :class:`~cam_engine.io.ImageFolder`).
 
     Returns:
         Columns of N rows: ``key``; ``input`` (N, 3, S_h, S_w) uint8 (zeros if unreadable);
         ``original`` the bytes of the (3, H, W) uint8 image (empty if unreadable); ``height``,
         ``width``; ``error`` (``""``, or why the file could not be decoded).
     """
-    folder = ImageFolder([Path(p) for p in batch["path"]], size)
+    folder = ImageFolder([Path(os.fsdecode(p)) for p in batch["path"]], size, max_pixels)
     samples = [folder[i] for i in range(len(folder))]
     blank = torch.zeros(3, *size, dtype=torch.uint8)
     empty = torch.zeros(3, 0, 0, dtype=torch.uint8)
@@ -72,10 +76,11 @@ class Explainer:
         """Explain and write a batch of N rows from :func:`decode`.
 
         Returns:
-            ``image`` (N,) keys and ``ok`` (N,) bool: False where the image is recorded as
-            unreadable (or failed alone in the engine).
+            ``image`` (N,) output names (:func:`~cam_engine.pipeline.output_name`) and ``ok``
+            (N,) bool: False where the image is recorded as unreadable (or failed alone in the
+            engine).
         """
-        keys = [str(key) for key in batch["key"]]
+        keys = [os.fsdecode(key) for key in batch["key"]]
         failures = [(key, str(e)) for key, e in zip(keys, batch["error"], strict=True) if e]
         good = [i for i, e in enumerate(batch["error"]) if not e]
         results = []
@@ -97,4 +102,5 @@ class Explainer:
                 self.store.write_pictures(pictures(result, self.config.save))
         self.store.write_batch(results, failures)
         bad = {key for key, _ in failures}
-        return {"image": np.array(keys), "ok": np.array([key not in bad for key in keys])}
+        names = [output_name(key) for key in keys]
+        return {"image": np.array(names), "ok": np.array([key not in bad for key in keys])}

@@ -11,16 +11,18 @@ of the pieces here, so both give the same outputs::
 - :mod:`.config`: :class:`ExplainConfig`, every setting, checked when it is made;
 - :mod:`.compute`: :func:`load` the model of a config, :func:`explain_images` of a decoded batch
   (image by image when the batch fails), maps at each image's original size;
-- :mod:`.outputs`: CSV rows, pictures; :mod:`.folder`: the output folder (atomic writes,
-  settings);
-- :mod:`.run`: the single-process run.
+- :mod:`.outputs`: each image's output name, CSV rows and pictures;
+- :mod:`.folder`: the output folder: lock, settings, atomic files; :mod:`.parts`: the results
+  of a run in this process, batch by batch, merged at its end;
+- :mod:`.run`: :func:`run_job`, the frame of every run, and :func:`explain`.
 """
 
 from .compute import Explained, check_model, explain_batch, explain_images, load, original_size_maps
 from .config import SAVE_CHOICES, ExplainConfig, parse_targets, targets_text
 from .folder import OutputFolder
-from .outputs import PREDICTION_COLUMNS, pictures, prediction_rows, write_skipped
-from .run import Summary, explain, report
+from .outputs import PREDICTION_COLUMNS, output_name, pictures, prediction_rows, write_skipped
+from .parts import Parts
+from .run import Summary, explain, report, run_job
 
 __all__ = [
     "PREDICTION_COLUMNS",
@@ -28,6 +30,7 @@ __all__ = [
     "ExplainConfig",
     "Explained",
     "OutputFolder",
+    "Parts",
     "Summary",
     "check_model",
     "explain",
@@ -35,10 +38,12 @@ __all__ = [
     "explain_images",
     "load",
     "original_size_maps",
+    "output_name",
     "parse_targets",
     "pictures",
     "prediction_rows",
     "report",
+    "run_job",
     "targets_text",
     "write_skipped",
 ]

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from ..engine import CAMEngine
-from ..io import Batch
+from ..io import Batch, reason
 from ..loading import LoadedModel, load_model
 from ..postprocess import heatmaps, overlay
 from .config import ExplainConfig, Targets
@@ -155,7 +155,7 @@ def explain_images(
         return _explain(engine, loaded, batch, keys, config), []
     except Exception as exc:  # one image's fault must not cost the others
         if len(batch.indices) == 1:
-            return [], [(keys[batch.indices[0]], f"{type(exc).__name__}: {exc}")]
+            return [], [(keys[batch.indices[0]], f"{type(exc).__name__}: {reason(exc)}")]
     explained, failures = [], []
     for i, index in enumerate(batch.indices):
         one = Batch([index], [batch.originals[i]], batch.inputs[i : i + 1])

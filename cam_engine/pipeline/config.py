@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -11,6 +12,7 @@ from pathlib import Path
 import torch
 
 from .. import methods
+from ..io import MAX_PIXELS
 from ..postprocess import colormap_lut
 from ..targets import BottomK, TopK
 
@@ -101,6 +103,8 @@ class ExplainConfig:
         num_classes: outputs of a torchvision model loaded with a ``state_dict`` file.
         colormap: colour map of the overlays; alpha: weight of its colour, in [0, 1].
         save: which of ``SAVE_CHOICES`` to write (``predictions.csv`` always is).
+        max_pixels: images with more pixels (read from the file's header) are skipped undecoded.
+        overwrite: delete the outputs of other settings in ``out`` instead of refusing them.
         ray: ``None`` for this process; a Ray address (``"local"``, ``"auto"``, ``host:port``)
             for :func:`cam_engine.distributed.explain_dataset`.
         actors: model replicas on Ray; ``None``: one per GPU of the cluster, else one per CPU.
@@ -126,6 +130,8 @@ class ExplainConfig:
     colormap: str = "jet"
     alpha: float = 0.5
     save: frozenset[str] = frozenset(SAVE_CHOICES)
+    max_pixels: int = MAX_PIXELS
+    overwrite: bool = False
     ray: str | None = None
     actors: int | None = None
 
@@ -154,6 +160,8 @@ class ExplainConfig:
             raise ValueError("--actors must be >= 1")
         if self.num_classes is not None and self.num_classes < 1:
             raise ValueError("--num-classes must be >= 1")
+        if self.max_pixels < 1:
+            raise ValueError(f"--max-pixels must be >= 1, got {self.max_pixels}")
         if self.device is not None:
             try:
                 torch.device(self.device)
@@ -170,11 +178,16 @@ class ExplainConfig:
 
     def settings(self) -> dict[str, object]:
         """The settings that shape the outputs, as JSON values: a rerun into the same folder
-        must repeat them to add to its outputs."""
+        must repeat them to add to its outputs.
+
+        Files are named by absolute path, and the model, weights and labels files also by the
+        SHA-256 of their content: other weights saved at the same path are other settings.
+        """
+        files = {"model": self.model, "weights": self.weights, "labels": self.labels}
         return {
-            "model": self.model,
-            "weights": self.weights,
-            "labels": None if self.labels is None else str(self.labels),
+            **{name: absolute(spec) for name, spec in files.items()},
+            **{f"{name}_sha256": _sha256(spec) for name, spec in files.items()},
+            "ray": self.ray is not None,
             "num_classes": self.num_classes,
             "target_layer": self.target_layer,
             "method": self.method,
@@ -186,6 +199,31 @@ class ExplainConfig:
             "alpha": self.alpha,
             "save": ",".join(sorted(self.save)),
         }
+
+
+def absolute(spec: str | os.PathLike | None) -> str | None:
+    """A file (or the file of ``file.py:function``) as an absolute path; other specs as given."""
+    if spec is None:
+        return None
+    spec = str(spec)
+    path, sep, function = spec.rpartition(".py:")
+    if sep and Path(path + ".py").is_file():
+        return f"{Path(path + '.py').absolute()}:{function}"
+    return str(Path(spec).absolute()) if Path(spec).is_file() else spec
+
+
+def _sha256(spec: str | os.PathLike | None) -> str | None:
+    """SHA-256 of the file that ``spec`` names (``file.py:function``: the ``.py``), if any."""
+    path = absolute(spec)
+    if path is not None and not Path(path).is_file():
+        path = path.rpartition(":")[0]  # file.py:function, or not a file at all
+    if path is None or not Path(path).is_file():
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _targets(value: object) -> Targets:

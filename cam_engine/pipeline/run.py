@@ -1,29 +1,29 @@
-"""An explain run in this process: decode in DataLoader workers, explain batch by batch, write."""
+"""An explain run: :func:`run_job` is the frame of every run (lock, settings, resume, tables),
+:func:`explain` runs it in this process (decoding in DataLoader workers, batch by batch)."""
 
 from __future__ import annotations
 
-import csv
 import sys
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from PIL import Image
-from torch import Tensor
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..io import ImageFolder, NpzWriter, collate, find_images, image_keys, save_png
+from ..io import ImageFolder, collate, find_images, image_keys
 from .compute import Explained, check_model, explain_images, load
 from .config import ExplainConfig, default_workers
-from .outputs import PREDICTION_COLUMNS, pictures, prediction_rows, write_skipped
+from .folder import OutputFolder
+from .outputs import output_name, pictures
+from .parts import Parts
 
-__all__ = ["Summary", "explain", "report"]
+__all__ = ["Summary", "explain", "report", "run_job"]
 
 
 @dataclass
@@ -35,7 +35,7 @@ class Summary:
         explained: how many of them have heatmaps in the folder (this run's and earlier runs').
         skipped: (key, reason) of the images that could not be decoded or explained.
         attempted: images this run processed (the others were done by an earlier run).
-        seconds: wall-clock time of this run.
+        seconds: wall-clock time of this run's explaining.
     """
 
     images: int
@@ -45,8 +45,45 @@ class Summary:
     seconds: float
 
 
+def run_job(
+    config: ExplainConfig,
+    folder: OutputFolder,
+    execute: Callable[[list[Path], list[str]], None],
+) -> Summary:
+    """A run into ``folder``: take its lock, check its settings, explain the images not done
+    yet with ``execute(paths, keys)``, which commits them to ``folder``, and write the tables.
+
+    Never reads ``config.out`` as input. A full disk raises one ``ValueError``.
+
+    Returns:
+        The :class:`Summary`, also printed on stderr.
+    """
+    paths = find_images(config.images, exclude=[config.out])
+    keys = image_keys(paths)
+    with folder.locked(), folder.disk_full_is_fatal():
+        folder.start(config.settings(), config.overwrite)
+        finished = folder.finished()
+        pending = [i for i, key in enumerate(keys) if output_name(key) not in finished]
+        print(
+            f"{len(keys) - len(pending)} of {len(keys)} images already done in {config.out}",
+            file=sys.stderr,
+        )
+        start = time.perf_counter()
+        if pending:
+            execute([paths[i] for i in pending], [keys[i] for i in pending])
+        seconds = time.perf_counter() - start
+        explained, skipped = folder.consolidate(keys)
+        folder.clear_temp()
+    summary = Summary(len(keys), explained, skipped, len(pending), seconds)
+    report(summary, config.out)
+    return summary
+
+
 def explain(config: ExplainConfig) -> Summary:
     """Explain ``config.images`` into ``config.out`` in this process (``cam-engine explain``).
+
+    Resumable: a run killed at any point leaves whole files only, and its rerun explains the
+    images not done yet (see :mod:`.parts`).
 
     Returns:
         The :class:`Summary`, also printed on stderr.
@@ -54,8 +91,22 @@ def explain(config: ExplainConfig) -> Summary:
     if config.ray is not None:
         raise ValueError("config.ray is set: run it with cam_engine.distributed.explain_dataset")
     device = _device(config.device)
-    paths = find_images(config.images)
-    keys = image_keys(paths)
+    folder = Parts(config.out, npz="npz" in config.save)
+    return run_job(config, folder, lambda paths, keys: _run(config, device, folder, paths, keys))
+
+
+def _device(name: str | None) -> torch.device:
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA GPU here (torch.cuda.is_available() is False)")
+    return device
+
+
+def _run(
+    config: ExplainConfig, device: torch.device, folder: Parts, paths: list[Path], keys: list[str]
+) -> None:
     loaded, engine = load(config, device)
     check_model(engine, loaded, config.targets)
     split = f"{engine.split_kind} split" + (", trunk compiled" if config.compile else "")
@@ -68,86 +119,60 @@ def explain(config: ExplainConfig) -> Summary:
         file=sys.stderr,
     )
     loader = DataLoader(
-        ImageFolder(paths, loaded.input_size),
+        ImageFolder(paths, loaded.input_size, config.max_pixels),
         batch_size=config.batch_size,
         num_workers=config.workers,
         collate_fn=collate,
         pin_memory=device.type == "cuda",
     )
-    skipped: list[tuple[str, str]] = []
-    start = time.perf_counter()
     with ExitStack() as stack:
-        writer = _Writer(config, stack)
+        writer = _Writer(folder, config.save, stack)
         bar = stack.enter_context(tqdm(total=len(paths), unit="img", desc="explain"))
         for batch in loader:
-            skipped += [(keys[i], reason) for i, reason in batch.skipped]
+            failures = [(keys[i], reason) for i, reason in batch.skipped]
+            results: list[Explained] = []
             if batch.inputs is not None:
-                results, failures = explain_images(engine, loaded, batch, keys, config)
-                writer.write(results)
-                skipped += failures
+                results, failed = explain_images(engine, loaded, batch, keys, config)
+                failures += failed
+            writer.write(results, failures)
             bar.update(len(batch.indices) + len(batch.skipped))
-    with open(config.out / "skipped.csv", "w", newline="") as file:
-        write_skipped(file, skipped)
-    summary = Summary(
-        len(keys), len(keys) - len(skipped), skipped, len(keys), time.perf_counter() - start
-    )
-    report(summary, config.out)
-    return summary
-
-
-def _device(name: str | None) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+        writer.finish()
 
 
 class _Writer:
-    """Writes every output of one run; one :meth:`write` call per batch.
+    """Writes the pictures of each batch on a few threads (zlib releases the GIL, so they overlap
+    the next batches' decoding and model), and commits each batch once its pictures are
+    written, in order, on the calling thread."""
 
-    The CSV and the NPZ are written in order on the calling thread; PNGs are encoded on a few
-    threads (zlib releases the GIL), overlapping with the next batch's decoding and model.
-    """
-
-    def __init__(self, config: ExplainConfig, stack: ExitStack) -> None:
-        self.out, self.save = config.out, config.save
-        self.out.mkdir(parents=True, exist_ok=True)
-        self.csv = csv.writer(
-            stack.enter_context(open(self.out / "predictions.csv", "w", newline=""))
-        )
-        self.csv.writerow(PREDICTION_COLUMNS)
-        self.npz = None
-        if "npz" in self.save:
-            self.npz = stack.enter_context(NpzWriter(self.out / "heatmaps.npz"))
+    def __init__(self, folder: Parts, save: frozenset[str], stack: ExitStack) -> None:
+        self.folder, self.save = folder, save
         threads = max(1, default_workers())
         self.pool = stack.enter_context(ThreadPoolExecutor(threads, "cam-engine-png"))
-        self.pending: deque[Future] = deque()
-        self.max_pending = 4 * threads  # bounds the overlays held in memory
-        stack.callback(self.finish)
+        self.pending: deque[tuple[list[Future], list[Explained], list[tuple[str, str]]]] = deque()
+        self.max_pending = 4 * threads  # batches: bounds the overlays and maps held in memory
 
-    def write(self, results: list[Explained]) -> None:
-        """Outputs of a batch's images."""
-        for result in results:
-            self.csv.writerows(
-                prediction_rows(result.key, result.classes, result.names, result.scores)
-            )
-            if self.npz is not None:
-                self.npz.add(result.key, result.heatmaps)
-            self._submit(pictures(result, self.save))
-
-    def _submit(self, found: Iterator[tuple[str, Tensor | Image.Image]]) -> None:
-        while len(self.pending) >= self.max_pending:
-            self.pending.popleft().result()
-        self.pending.append(self.pool.submit(self._pictures, found))
-
-    def _pictures(self, found: Iterator[tuple[str, Tensor | Image.Image]]) -> None:
-        """Write the overlay PNGs and the contact sheet of one image."""
-        for name, picture in found:
-            save_png(self.out / name, picture)
+    def write(self, results: list[Explained], failures: list[tuple[str, str]]) -> None:
+        """Write a batch's pictures, then commit it: its results and (key, reason) failures."""
+        found = [
+            self.pool.submit(self.folder.write_pictures, pictures(result, self.save))
+            for result in results
+        ]
+        self.pending.append((found, results, failures))
+        while self.pending and (
+            len(self.pending) > self.max_pending or all(f.done() for f in self.pending[0][0])
+        ):
+            self._commit()
 
     def finish(self) -> None:
-        """Wait for the pictures still being written; the first failure is raised."""
+        """Commit every batch still waiting for its pictures; the first failure is raised."""
         while self.pending:
-            self.pending.popleft().result()
+            self._commit()
+
+    def _commit(self) -> None:
+        found, results, failures = self.pending.popleft()
+        for future in found:
+            future.result()
+        self.folder.write_batch(results, failures)
 
 
 def report(summary: Summary, out: Path) -> None:
