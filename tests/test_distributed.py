@@ -265,7 +265,8 @@ def test_odd_inputs_cost_only_themselves_on_ray(ray_cluster, tmp_path):
     single = ["explain", str(root), *MODEL, "--out", str(reference), "--max-pixels", "5000"]
     assert cli.main([*single, "--workers", "0"]) == 0
 
-    summary = explain_dataset([root], out, MODEL_SPEC, batch_size=5, max_pixels=5000, **OPTIONS)
+    config = ExplainConfig([root], MODEL_SPEC, out, batch_size=5, max_pixels=5000, **OPTIONS)
+    summary = explain_dataset(config)  # a config: as the keyword arguments of the other tests
     assert (summary.explained, [key for key, _ in summary.skipped]) == (4, ["big.png"])
     mine, theirs = _read(out / "predictions.csv"), _read(reference / "predictions.csv")
     assert {r["image"] for r in mine} == {*names, "anim.png"}

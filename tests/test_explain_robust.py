@@ -43,7 +43,7 @@ from torch import nn
 import cam_engine as ce
 from cam_engine import cli
 from cam_engine.io import ImageFolder, contact_sheet, image_size, save_png
-from cam_engine.pipeline import output_name
+from cam_engine.pipeline import ExplainConfig, output_name
 
 HERE = Path(__file__).resolve()
 ROOT = HERE.parents[1]
@@ -133,6 +133,31 @@ def _png_header_only(path: Path, width: int, height: int) -> None:
     ihdr = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
     rows = zlib.compress(bytes(1 + (width + 7) // 8) * 4)
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", rows))
+
+
+# settings --------------------------------------------------------------------------------------
+
+
+def test_config_takes_typed_or_command_line_values_and_checks_them():
+    text = ExplainConfig("a", "m", targets="7,2", input_size="64x48", mean="0,0,0", save="npz")
+    typed = ExplainConfig(
+        ("a",), "m", targets=[7, 2], input_size=(64, 48), mean=(0, 0, 0), save={"npz"}
+    )
+    assert text == typed and text.targets == (7, 2) and text.save == frozenset({"npz"})
+    assert ExplainConfig("a", "m", input_size=32).input_size == (32, 32)
+    assert ExplainConfig("a", "m", targets="bottom2").targets == ce.BottomK(2)
+    assert text.settings()["targets"] == "7,2" and text.settings()["weights_sha256"] is None
+    for bad, message in [
+        ({"alpha": 1.5}, "--alpha"),
+        ({"targets": "top0"}, "at least 1"),
+        ({"mean": "1,2"}, "--mean needs 3 values"),
+        ({"std": (1, 0, 1)}, "std > 0"),
+        ({"save": "png,gif"}, "gif"),
+        ({"max_pixels": 0}, "--max-pixels"),
+        ({"images": []}, "no images"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            ExplainConfig(**{"images": "a", "model": "m", **bad})
 
 
 # inputs ----------------------------------------------------------------------------------------
