@@ -3,14 +3,19 @@
 Reading: :func:`find_images` lists the JPEG / PNG files of files and folders, :class:`ImageFolder`
 decodes them (torchvision's decoders, in DataLoader workers) into the original uint8 image and the
 model input resized to a fixed size, and :func:`collate` batches them, setting unreadable files
-aside instead of failing the batch. Writing: :func:`save_png`, :class:`NpzWriter` (one ``.npz``
-written array by array) and :func:`contact_sheet` (a titled grid of tiles).
+aside instead of failing the batch. :func:`image_size` reads a file's size from its header, so
+that an image too large to decode (a decompression bomb) is set aside before it is decoded.
+Writing: :func:`save_png`, :class:`NpzWriter` (one ``.npz`` written array by array) and
+:func:`contact_sheet` (a titled grid of tiles).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import struct
+import unicodedata
+import warnings
 import zipfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -26,8 +31,11 @@ from torchvision.io import ImageReadMode, decode_image
 
 __all__ = [
     "IMAGE_SUFFIXES",
+    "MAX_PIXELS",
     "find_images",
     "image_keys",
+    "image_size",
+    "reason",
     "ImageFolder",
     "Sample",
     "Batch",
@@ -38,13 +46,18 @@ __all__ = [
 ]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+#: images with more pixels are not decoded by default: Pillow's ``Image.MAX_IMAGE_PIXELS``
+MAX_PIXELS = 89_478_485
 
 
-def find_images(sources: Iterable[str | os.PathLike]) -> list[Path]:
+def find_images(
+    sources: Iterable[str | os.PathLike], exclude: Iterable[str | os.PathLike] = ()
+) -> list[Path]:
     """The JPEG / PNG files named by ``sources``, each once, in a deterministic order.
 
     A file is taken as given (whatever its suffix: the user named it); a folder is searched
     recursively for ``.jpg``, ``.jpeg`` and ``.png`` files (any case; hidden entries skipped).
+    Files in the folders ``exclude`` (an output folder among the inputs) are left out.
 
     Returns:
         Paths in the order of ``sources``, each folder's files sorted by path.
@@ -54,6 +67,7 @@ def find_images(sources: Iterable[str | os.PathLike]) -> list[Path]:
         ValueError: no image was found.
     """
     sources = [Path(s) for s in sources]
+    excluded = [Path(folder).resolve() for folder in exclude]
     found: dict[Path, Path] = {}  # resolved -> as found: one entry per file however it is named
     for source in sources:
         if source.is_dir():
@@ -70,6 +84,8 @@ def find_images(sources: Iterable[str | os.PathLike]) -> list[Path]:
             found.setdefault(source.resolve(), source)
         else:
             raise FileNotFoundError(f"no such file or folder: {source}")
+    for resolved in [r for r in found if any(e in r.parents for e in excluded)]:
+        del found[resolved]
     if not found:
         raise ValueError(f"no .jpg / .jpeg / .png images found in {', '.join(map(str, sources))}")
     return list(found.values())
@@ -86,13 +102,81 @@ def image_keys(paths: Sequence[Path]) -> list[str]:
     return [p.relative_to(root).as_posix() for p in resolved]
 
 
-def _reason(exc: Exception) -> str:
-    """One line for a decoding error, without the C++ source location torchvision prepends."""
+def reason(exc: Exception) -> str:
+    """Why an image failed, in one line of valid UTF-8 (a file name in the message may not be),
+    without the C++ source location torchvision prepends."""
     message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return _CPP_LOCATION.sub("", message)
+    return _CPP_LOCATION.sub("", message).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 _CPP_LOCATION = re.compile(r"^[^,]+, \S+\.cpp:\d+, ")
+#: JPEG frame headers (SOF0-SOF15 but DHT, JPG and DAC), which hold the image size
+_JPEG_FRAMES = set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def image_size(path: str | os.PathLike) -> tuple[int, int] | None:
+    """(H, W) of an image from its file's header, without decoding it.
+
+    Reads the formats that :func:`torchvision.io.decode_image` decodes: PNG, JPEG, GIF (the
+    canvas) and WebP. ``None`` for any other file, or one whose header is cut short.
+    """
+    return _probe(path)[1]
+
+
+def _probe(path: str | os.PathLike) -> tuple[str | None, tuple[int, int] | None]:
+    """(format, (H, W)): format ``None`` when unknown, size ``None`` when unreadable."""
+    with open(path, "rb") as file:
+        head = file.read(32)
+        if head.startswith(b"\x89PNG\r\n\x1a\n"):
+            found = None
+            if len(head) >= 24 and head[12:16] == b"IHDR":
+                found = struct.unpack(">II", head[16:24])
+            return "png", found and (found[1], found[0])
+        if head[:6] in (b"GIF87a", b"GIF89a"):
+            found = struct.unpack("<HH", head[6:10]) if len(head) >= 10 else None
+            return "gif", found and (found[1], found[0])
+        if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+            return "webp", _webp_size(head)
+        if head[:2] == b"\xff\xd8":
+            file.seek(2)
+            return "jpeg", _jpeg_size(file)
+    return None, None
+
+
+def _webp_size(head: bytes) -> tuple[int, int] | None:
+    """(H, W) from the first chunk of a WebP file: lossy, lossless or extended."""
+    kind = head[12:16]
+    if kind == b"VP8 " and len(head) >= 30 and head[23:26] == b"\x9d\x01\x2a":
+        width, height = struct.unpack("<HH", head[26:30])
+        return height & 0x3FFF, width & 0x3FFF  # the top 2 bits are a scaling hint
+    if kind == b"VP8L" and len(head) >= 25 and head[20] == 0x2F:
+        bits = int.from_bytes(head[21:25], "little")
+        return ((bits >> 14) & 0x3FFF) + 1, (bits & 0x3FFF) + 1
+    if kind == b"VP8X" and len(head) >= 30:
+        return int.from_bytes(head[27:30], "little") + 1, int.from_bytes(head[24:27], "little") + 1
+    return None
+
+
+def _jpeg_size(file) -> tuple[int, int] | None:
+    """(H, W) from the frame header of a JPEG file, read segment by segment after the SOI."""
+    while True:
+        byte = file.read(1)
+        while byte and byte != b"\xff":  # stray bytes between segments: libjpeg skips them too
+            byte = file.read(1)
+        marker = file.read(1)
+        while marker == b"\xff":  # fill bytes
+            marker = file.read(1)
+        if not marker or marker[0] in (0xD9, 0xDA):  # the end, or image data: no frame header
+            return None
+        if marker[0] == 0x01 or 0xD0 <= marker[0] <= 0xD8:  # markers without a segment
+            continue
+        segment = file.read(7)  # length (2 bytes, itself included), then a frame's P, Y, X
+        length = struct.unpack(">H", segment[:2])[0] if len(segment) >= 2 else 0
+        if length < 2:
+            return None
+        if marker[0] in _JPEG_FRAMES:
+            return struct.unpack(">HH", segment[3:7]) if len(segment) == 7 else None
+        file.seek(length - len(segment), os.SEEK_CUR)
 
 
 @dataclass
@@ -119,27 +203,59 @@ class ImageFolder(Dataset):
     kept, no crop), so a heatmap covers every pixel once upsampled back to the original size. It
     stays uint8 here: the batch is normalised on the model's device (4x less to copy).
 
+    A file is decoded only if its header gives a size of at most ``max_pixels``; an animated GIF
+    gives its first frame (decoded alone: its other frames could be a bomb of their own).
+
     Args:
         paths: image files (see :func:`find_images`).
         size: (H, W) of the model input.
+        max_pixels: larger images are set aside undecoded, with the reason.
     """
 
-    def __init__(self, paths: Sequence[Path], size: tuple[int, int]) -> None:
+    def __init__(
+        self, paths: Sequence[Path], size: tuple[int, int], max_pixels: int = MAX_PIXELS
+    ) -> None:
         self.paths = list(paths)
         self.size = [int(s) for s in size]
+        self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> Sample:
+        path = self.paths[index]
         try:
-            image = decode_image(str(self.paths[index]), mode=ImageReadMode.RGB)
+            kind, size = _probe(path)
+            if kind is None:
+                return Sample(index, error="not a PNG, JPEG, GIF or WebP file")
+            if size is None or min(size) < 1:
+                return Sample(index, error=f"damaged {kind.upper()} file: no image size")
+            height, width = size
+            if height * width > self.max_pixels:
+                return Sample(
+                    index,
+                    error=f"{width}x{height} = {width * height} pixels, over the limit of "
+                    f"{self.max_pixels} (--max-pixels)",
+                )
+            if kind == "gif":
+                image = _first_frame(path)
+            else:  # read here: torchvision cannot open a file name that is not UTF-8
+                data = torch.from_numpy(np.fromfile(path, dtype=np.uint8))
+                image = decode_image(data, mode=ImageReadMode.RGB)
         except Exception as exc:  # corrupt, truncated or unsupported: reported, never fatal
-            return Sample(index, error=_reason(exc))
+            return Sample(index, error=reason(exc))
         if image.dtype != torch.uint8:  # 16-bit PNGs decode to uint16
             image = TF.to_dtype(image, torch.uint8, scale=True)
         resized = TF.resize(image, self.size, antialias=True)
         return Sample(index, image, resized)
+
+
+def _first_frame(path: Path) -> Tensor:
+    """The first frame of a GIF, (3, H, W) uint8 RGB (torchvision would decode every frame)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # checked: max_pixels
+        with Image.open(path) as gif:
+            return torch.from_numpy(np.array(gif.convert("RGB"))).permute(2, 0, 1).contiguous()
 
 
 @dataclass
@@ -248,7 +364,9 @@ def _font(tile_width: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
 
 
 def _fit(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
-    """``text``, cut and ended with an ellipsis if it is wider than ``width`` pixels."""
+    """``text`` on one line (control characters and undecodable bytes as ``?``), cut and ended
+    with an ellipsis if it is wider than ``width`` pixels."""
+    text = "".join("?" if unicodedata.category(ch) in ("Cc", "Cs") else ch for ch in text)
     if draw.textlength(text, font=font) <= width:
         return text
     while text and draw.textlength(text + "…", font=font) > width:
@@ -264,7 +382,8 @@ def contact_sheet(
     Args:
         tiles: (R, C, 3, H, W) uint8 RGB: R rows of C images (e.g. an input and its overlays).
         titles: R rows of C strings (``""`` for none), or ``None`` for no title lines. Titles
-            wider than their tile are shortened with an ellipsis.
+            wider than their tile are shortened with an ellipsis; control characters and
+            undecodable bytes of file names show as ``?``.
         pad: pixels between tiles and around the grid.
 
     Returns:

@@ -7,7 +7,6 @@ each, also after a rerun, a killed actor or a killed driver.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import os
 import shutil
@@ -27,6 +26,7 @@ import cam_engine as ce
 from cam_engine import cli
 from cam_engine.demo import shapes
 from cam_engine.demo.model import ShapesNet
+from cam_engine.pipeline import ExplainConfig, compute
 
 HERE = Path(__file__).resolve()
 
@@ -215,12 +215,73 @@ def test_job_settings_bind_a_folder_once_it_has_outputs(tmp_path):
     from cam_engine.distributed.store import Store
 
     store = Store(tmp_path)
-    store.check_job({"method": "cam", "targets": "top2"})
-    store.check_job({"method": "gradcam", "targets": "top2"})  # a start that failed: no outputs
+    store.start({"method": "cam", "targets": "top2"})
+    store.start({"method": "gradcam", "targets": "top2"})  # a start that failed: no outputs
     store.write_batch([], [("a.png", "unreadable")])
-    store.check_job({"method": "gradcam", "targets": "top2"})
-    with pytest.raises(ValueError, match="method: 'gradcam' there, 'cam' now"):
-        store.check_job({"method": "cam", "targets": "top2"})
+    store.start({"method": "gradcam", "targets": "top2"})
+    with pytest.raises(ValueError, match="method: 'gradcam' there, 'cam' now.*--overwrite"):
+        store.start({"method": "cam", "targets": "top2"})
+    store.start({"method": "cam", "targets": "top2"}, overwrite=True)
+    assert not (tmp_path / "failures").exists()
+
+
+def test_a_second_run_into_the_same_out_is_refused(images, tmp_path):
+    """The lock is taken before Ray starts; the OS drops it when its holder dies."""
+    pytest.importorskip("ray")
+    import fcntl
+
+    from cam_engine.distributed import explain_dataset
+
+    tmp_path.joinpath(".lock").touch()
+    with open(tmp_path / ".lock") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(ValueError, match=f"holds the lock {tmp_path / '.lock'}"):
+            explain_dataset([images], tmp_path, MODEL_SPEC, **OPTIONS)
+    assert os.listdir(tmp_path) == [".lock"]
+
+
+def _read(path: Path) -> list[dict[str, str]]:
+    """A CSV whose names need not be UTF-8 (written back as their bytes)."""
+    with open(path, newline="", encoding="utf-8", errors="surrogateescape") as file:
+        return list(csv.DictReader(file))
+
+
+def test_odd_inputs_cost_only_themselves_on_ray(ray_cluster, tmp_path):
+    """Names with a newline, with bytes that are not UTF-8, of 250 bytes; an animated GIF named
+    .png; an image over the pixel limit: the same outputs as the single process, none fatal."""
+    from cam_engine.distributed import explain_dataset, read_heatmaps
+    from cam_engine.pipeline import output_name
+
+    root = tmp_path / "images"
+    root.mkdir()
+    pictures = [shapes.single(1, 64, seed=i).images[0] for i in range(6)]
+    pictures = [Image.fromarray((p.permute(1, 2, 0) * 255).byte().numpy()) for p in pictures]
+    names = ["new\nline.png", os.fsdecode(b"caf\xe9.png"), "x" * 246 + ".png"]
+    for name, picture in zip(names, pictures, strict=False):
+        picture.save(root / name)
+    pictures[3].save(root / "anim.png", format="GIF", save_all=True, append_images=pictures[4:])
+    pictures[0].resize((80, 80)).save(root / "big.png")  # 6400 pixels
+    reference, out = tmp_path / "reference", tmp_path / "ray"
+    single = ["explain", str(root), *MODEL, "--out", str(reference), "--max-pixels", "5000"]
+    assert cli.main([*single, "--workers", "0"]) == 0
+
+    config = ExplainConfig([root], MODEL_SPEC, out, batch_size=5, max_pixels=5000, **OPTIONS)
+    summary = explain_dataset(config)  # a config: as the keyword arguments of the other tests
+    assert (summary.explained, [key for key, _ in summary.skipped]) == (4, ["big.png"])
+    mine, theirs = _read(out / "predictions.csv"), _read(reference / "predictions.csv")
+    assert {r["image"] for r in mine} == {*names, "anim.png"}
+    assert [(r["image"], r["class_id"]) for r in mine] == [
+        (r["image"], r["class_id"]) for r in theirs
+    ]
+    assert _read(out / "skipped.csv") == _read(reference / "skipped.csv")
+    maps, expected = dict(read_heatmaps(out)), np.load(reference / "heatmaps.npz")
+    assert sorted(maps) == sorted(expected.files) == sorted(map(output_name, [*names, "anim.png"]))
+    for name, heat in maps.items():
+        np.testing.assert_allclose(heat, expected[name], atol=1e-5, rtol=0)
+    runs = (out, reference)
+    for folder in ("overlays", "sheets"):
+        found = [sorted(p.relative_to(o) for p in (o / folder).rglob("*.png")) for o in runs]
+        assert found[0] == found[1] and len(found[0]) == 4 * (2 if folder == "overlays" else 1)
 
 
 def _descends_from(pid: int, ancestor: int) -> bool:
@@ -305,11 +366,13 @@ def test_killed_driver_then_rerun_completes_once(
 
     out = tmp_path / "out"
     address = ray_cluster.get_runtime_context().gcs_address
-    script = Path(sys.executable).with_name("cam-engine")
-    command = [str(script), "explain", str(many_images), *MODEL, "--out", str(out)]
+    command = [sys.executable, "-m", "cam_engine.cli", "explain", str(many_images), *MODEL]
     with open(tmp_path / "driver.log", "w") as log:
-        driver = subprocess.Popen(
-            [*command, "--batch-size", "2", "--ray", address], stdout=log, stderr=log
+        driver = subprocess.Popen(  # this tree's code: -m imports it from the working directory
+            [*command, "--out", str(out), "--batch-size", "2", "--ray", address],
+            cwd=HERE.parents[1],
+            stdout=log,
+            stderr=log,
         )
         killer = _KillAtFirstShard(out, lambda: [driver.pid])
         killer.run()
@@ -332,26 +395,23 @@ def test_an_image_that_fails_to_explain_is_recorded_and_the_others_written(
     """The actor's own code, in this process: a batch whose engine call fails is redone image
     by image; only the culprit is recorded (with the reason), the others are explained."""
     pytest.importorskip("ray")
-    from cam_engine.commands import explain
     from cam_engine.distributed import read_heatmaps
     from cam_engine.distributed.worker import Explainer, decode
 
     keys = ["a/000.png", "b/001.png", UNREADABLE[0], "c/002.png"]
-    paths = np.array([str(images / key) for key in keys])
-    batch = decode({"path": paths, "key": np.array(keys)}, (64, 64))
+    paths = np.array([os.fsencode(images / key) for key in keys])
+    batch = decode({"path": paths, "key": np.array([os.fsencode(k) for k in keys])}, (64, 64))
     culprit = torch.from_numpy(batch["input"][1])
-    engine_call = explain.explain_batch
+    engine_call = compute.explain_batch
 
     def fails_on_culprit(engine, loaded, decoded, targets):
         if any(torch.equal(x, culprit) for x in decoded.inputs):
             raise RuntimeError("CUDA out of memory (simulated)")
         return engine_call(engine, loaded, decoded, targets)
 
-    monkeypatch.setattr(explain, "explain_batch", fails_on_culprit)
-    parser = argparse.ArgumentParser()
-    explain.add_arguments(parser)
-    args = parser.parse_args([str(images), *MODEL, "--out", str(tmp_path), "--save", "npz"])
-    returned = Explainer(args, "cpu", None)(batch)
+    monkeypatch.setattr(compute, "explain_batch", fails_on_culprit)
+    config = ExplainConfig([images], MODEL_SPEC, tmp_path, save="npz", **OPTIONS)
+    returned = Explainer(config, "cpu", None)(batch)
 
     assert returned["image"].tolist() == keys
     assert returned["ok"].tolist() == [True, False, False, True]
@@ -363,7 +423,7 @@ def test_an_image_that_fails_to_explain_is_recorded_and_the_others_written(
     (failures,) = (tmp_path / "failures").iterdir()
     reasons = {row["image"]: row["reason"] for row in _parquet(failures).to_pylist()}
     assert reasons["b/001.png"] == "RuntimeError: CUDA out of memory (simulated)"
-    assert reasons[UNREADABLE[0]].startswith("Unsupported image file")
+    assert reasons[UNREADABLE[0]] == "not a PNG, JPEG, GIF or WebP file"
     assert not (tmp_path / "overlays").exists()  # --save npz: no pictures
 
 

@@ -24,7 +24,6 @@ from torch import nn
 
 import cam_engine as ce
 from cam_engine import cli
-from cam_engine.commands.explain import parse_targets
 from cam_engine.io import (
     ImageFolder,
     NpzWriter,
@@ -35,6 +34,7 @@ from cam_engine.io import (
     save_png,
 )
 from cam_engine.loading import load_model
+from cam_engine.pipeline import parse_targets
 from cam_engine.reference import reference_gradcam
 
 HERE = Path(__file__).resolve()
@@ -234,7 +234,7 @@ def test_console_script_with_bottom_and_class_ids(image_dir, labels_file, tmp_pa
     args[args.index("--model") + 1] = "test_explain:tiny_net"
     args[args.index("--targets") + 1] = "3,1"
     args += ["--save", "npz"]
-    env = {**os.environ, "PYTHONPATH": ""}
+    env = {**os.environ, "PYTHONPATH": str(HERE.parents[1])}  # this tree's cam_engine
     done = subprocess.run(
         [str(script), *args], cwd=HERE.parent, env=env, capture_output=True, text=True
     )

@@ -24,7 +24,8 @@ except ImportError as exc:
         f'cam_engine.distributed needs Ray Data ({exc}): pip install "cam-engine[ray]"'
     ) from exc
 
-from .driver import Summary, explain_dataset, run  # noqa: E402
+from ..pipeline import Summary  # noqa: E402
+from .driver import explain_dataset  # noqa: E402
 from .store import read_heatmaps  # noqa: E402
 
-__all__ = ["Summary", "explain_dataset", "read_heatmaps", "run"]
+__all__ = ["Summary", "explain_dataset", "read_heatmaps"]

@@ -6,44 +6,35 @@ Layout of ``out/`` (pictures and the two CSV files as written by ``cam-engine ex
     shards/<id>.parquet     one per batch: image, class_id, class_name, score (lists of K),
                             height, width, heatmaps (K * H * W float32 bytes, or null)
     failures/<id>.parquet   one per batch with unreadable images: image, reason
+                            (``image``: the output name, :func:`cam_engine.pipeline.output_name`)
     overlays/, sheets/      the pictures, ``<image>.<class_id>.png`` and ``<image>.png``
     predictions.csv         image, class_id, class_name, score: rows in the inputs' order
     skipped.csv             image, reason
-    .tmp/                   files being written
+    .tmp/, .lock            files being written; the lock of the run writing
 
-Every file is written under ``.tmp/`` and moved into place with ``os.replace``, an atomic rename
-on one filesystem (``.tmp/`` sits in ``out/``, so the pictures' temporary files can be swept in
-one place however deep the picture is): a reader or a rerun sees a whole file or none. A batch's
-shard is renamed after its pictures, so an image in a shard is complete. Shard ids hash the
-batch's image keys: a batch that Ray retries after a crash replaces its own shard.
+The folder has one run at a time, is bound to its settings, and every file in it is written
+atomically (:class:`cam_engine.pipeline.OutputFolder`). A batch's shard is
+renamed after its pictures, so an image in a shard is complete. Shard ids hash the batch's image
+keys: a batch that Ray retries after a crash replaces its own shard.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
-import json
 import os
-import shutil
-import uuid
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pds
 import pyarrow.parquet as pq
-from PIL import Image
-from torch import Tensor
 
-from ..commands.explain import PREDICTION_COLUMNS, prediction_rows, write_skipped
-from ..io import save_png
+from ..pipeline import Explained, OutputFolder, output_name
 
-__all__ = ["Explained", "Store", "read_heatmaps"]
+__all__ = ["Store", "read_heatmaps"]
 
-SHARDS, FAILURES, TEMP, JOB = "shards", "failures", ".tmp", "job.json"
+SHARDS, FAILURES = "shards", "failures"
 
 SHARD_SCHEMA = pa.schema(
     [
@@ -59,57 +50,10 @@ SHARD_SCHEMA = pa.schema(
 FAILURE_SCHEMA = pa.schema([("image", pa.string()), ("reason", pa.string())])
 
 
-@dataclass
-class Explained:
-    """The results of one image.
-
-    Attributes:
-        key: the image's key (:func:`cam_engine.io.image_keys`).
-        classes, names, scores: the K explained classes, their names, softmax probabilities.
-        size: (H, W) of the original image.
-        heatmaps: (K, H, W) float32 in [0, 1], or ``None`` when they are not kept.
-    """
-
-    key: str
-    classes: list[int]
-    names: list[str]
-    scores: list[float]
-    size: tuple[int, int]
-    heatmaps: np.ndarray | None
-
-
-class Store:
+class Store(OutputFolder):
     """Reads and writes the output folder ``out`` (see the module's docstring)."""
 
-    def __init__(self, out: str | os.PathLike) -> None:
-        self.out = Path(out)
-
-    def check_job(self, settings: dict[str, object]) -> None:
-        """Record ``settings`` in ``job.json``; ``ValueError`` if the folder holds outputs made
-        with other settings (a folder without outputs takes the new ones)."""
-        settings = json.loads(json.dumps(settings))
-        path = self.out / JOB
-        if not (path.exists() and (self._files(SHARDS) or self._files(FAILURES))):
-            self._replace(path, lambda temp: temp.write_text(json.dumps(settings, indent=2)))
-            return
-        before = json.loads(path.read_text())
-        changed = [
-            f"{name}: {before.get(name)!r} there, {settings.get(name)!r} now"
-            for name in sorted(before.keys() | settings.keys())
-            if before.get(name) != settings.get(name)
-        ]
-        if changed:
-            raise ValueError(
-                f"{self.out} holds the outputs of another job ({'; '.join(changed)}); "
-                "rerun with the same settings to resume it, or choose another --out"
-            )
-
-    def clear_temp(self) -> None:
-        """Delete the files that a crashed or killed run left half-written."""
-        shutil.rmtree(self.out / TEMP, ignore_errors=True)
-
     def finished(self) -> set[str]:
-        """Keys of the images with an outcome: explained (a shard) or unreadable (a failure)."""
         found = set()
         for folder in (SHARDS, FAILURES):
             table = self._read(folder, ["image"])
@@ -117,22 +61,17 @@ class Store:
                 found.update(table["image"].to_pylist())
         return found
 
-    def write_pictures(self, found: Iterable[tuple[str, Tensor | Image.Image]]) -> None:
-        """Write pictures (path relative to ``out``, picture) atomically, as PNG files."""
-        for name, picture in found:
-            self._replace(self.out / name, lambda temp, picture=picture: save_png(temp, picture))
-
     def write_batch(self, results: list[Explained], failures: list[tuple[str, str]]) -> None:
         """Commit a batch: its shard and (if any image was unreadable) its failures file.
 
         ``failures`` are (key, reason). Both files are named by the hash of all the batch's
         keys, so writing the same batch again replaces them.
         """
-        name = _batch_id([r.key for r in results] + [key for key, _ in failures])
+        keys = [r.key for r in results] + [key for key, _ in failures]
+        name = _batch_id([output_name(key) for key in keys])
         if failures:
-            table = pa.Table.from_pylist(
-                [{"image": key, "reason": reason} for key, reason in failures], FAILURE_SCHEMA
-            )
+            rows = [{"image": output_name(key), "reason": reason} for key, reason in failures]
+            table = pa.Table.from_pylist(rows, FAILURE_SCHEMA)
             self._write_table(self.out / FAILURES / f"{name}.parquet", table)
         if results:
             self._write_table(self.out / SHARDS / f"{name}.parquet", _shard_table(results))
@@ -140,31 +79,22 @@ class Store:
     def consolidate(self, keys: Sequence[str]) -> tuple[int, list[tuple[str, str]]]:
         """Write ``predictions.csv`` and ``skipped.csv`` of the images ``keys``, in that order.
 
-        Returns:
-            (how many of them were explained, (key, reason) of the unreadable ones).
-
         Raises:
             RuntimeError: an image has neither a shard nor a failure record.
         """
         explained = self._first_rows(SHARDS, ["image", "class_id", "class_name", "score"])
         failed = self._first_rows(FAILURES, ["image", "reason"])
-        missing = [key for key in keys if key not in explained and key not in failed]
-        if missing:
-            raise RuntimeError(f"{len(missing)} images have no output, e.g. {missing[:3]}")
-        rows = [PREDICTION_COLUMNS]
-        for key in keys:
-            if key in explained:
-                record = explained[key]
-                rows += prediction_rows(
-                    key, record["class_id"], record["class_name"], record["score"]
-                )
-        self._write_text(self.out / "predictions.csv", lambda f: csv.writer(f).writerows(rows))
-        skipped = [(key, failed[key]["reason"]) for key in keys if key not in explained]
-        self._write_text(self.out / "skipped.csv", lambda file: write_skipped(file, skipped))
+        names = {key: output_name(key) for key in keys}
+        skipped = self.write_tables(
+            keys,
+            {key: explained[name] for key, name in names.items() if name in explained},
+            {key: failed[name]["reason"] for key, name in names.items() if name in failed},
+        )
         return len(keys) - len(skipped), skipped
 
     def heatmaps(self) -> Iterator[tuple[str, np.ndarray]]:
-        """(key, heatmaps (K, H, W) float32 in [0, 1]) of every explained image, shard by shard."""
+        """(output name, heatmaps (K, H, W) float32 in [0, 1]) of every explained image, shard
+        by shard."""
         seen: set[str] = set()
         columns = ["image", "class_id", "height", "width", "heatmaps"]
         for path in self._files(SHARDS):
@@ -195,36 +125,17 @@ class Store:
             rows.setdefault(row["image"], row)
         return rows
 
-    def _replace(self, path: Path, write: Callable[[Path], object]) -> None:
-        """Write ``path`` through a temporary file under ``.tmp/`` and an atomic rename."""
-        temp = self.out / TEMP / f"{uuid.uuid4().hex}{path.suffix}"
-        temp.parent.mkdir(parents=True, exist_ok=True)
-        write(temp)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(temp, path)
-
     def _write_table(self, path: Path, table: pa.Table) -> None:
-        def write(temp: Path) -> None:
-            with open(temp, "wb") as file:
-                pq.write_table(table, file)
-                file.flush()
-                os.fsync(file.fileno())  # the rename commits the batch: its data first
-
-        self._replace(path, write)
-
-    def _write_text(self, path: Path, fill: Callable[[io.TextIOBase], object]) -> None:
-        def write(temp: Path) -> None:
-            with open(temp, "w", newline="") as file:
-                fill(file)
-
-        self._replace(path, write)
+        self.commit(path, lambda temp: pq.write_table(table, str(temp)))
 
 
 def read_heatmaps(out: str | os.PathLike) -> Iterator[tuple[str, np.ndarray]]:
-    """(image key, heatmaps (K, H, W) float32 in [0, 1]) of every image explained into ``out``.
+    """(output name, heatmaps (K, H, W) float32 in [0, 1]) of every image explained into ``out``.
 
     The maps are at the image's original size, in ``predictions.csv``'s order of classes,
-    as ``numpy.load("heatmaps.npz")[key]`` of ``cam-engine explain`` without ``--ray``.
+    as ``numpy.load("heatmaps.npz")[name]`` of ``cam-engine explain`` without ``--ray``. The
+    output name is the image's key (``predictions.csv``'s ``image``) unless that is not
+    printable UTF-8 or too long (:func:`cam_engine.pipeline.output_name`).
     """
     return Store(out).heatmaps()
 
@@ -237,7 +148,7 @@ def _shard_table(results: list[Explained]) -> pa.Table:
     return pa.Table.from_pylist(
         [
             {
-                "image": r.key,
+                "image": output_name(r.key),
                 "class_id": r.classes,
                 "class_name": r.names,
                 "score": r.scores,

@@ -1,0 +1,188 @@
+"""The model side of a run: load the model of a config, explain decoded batches, and bring the
+maps back to every image's original size."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..engine import CAMEngine
+from ..io import Batch, reason
+from ..loading import LoadedModel, load_model
+from ..postprocess import heatmaps, overlay
+from .config import ExplainConfig, Targets
+
+__all__ = [
+    "Explained",
+    "check_model",
+    "explain_batch",
+    "explain_images",
+    "load",
+    "original_size_maps",
+]
+
+
+def load(
+    config: ExplainConfig, device: torch.device, state: dict[str, Tensor] | None = None
+) -> tuple[LoadedModel, CAMEngine]:
+    """The model of ``config`` on ``device``, and its engine.
+
+    Args:
+        config: the run's settings.
+        device: where the model runs.
+        state: a ``state_dict`` loaded into the model before the engine is built (so that
+            every Ray actor runs the driver's weights, random ones included).
+    """
+    loaded = load_model(
+        config.model,
+        config.weights,
+        device,
+        labels=config.labels,
+        input_size=config.input_size,
+        mean=config.mean,
+        std=config.std,
+        num_classes=config.num_classes,
+        allow_pickle=config.allow_pickle,
+    )
+    if state is not None:
+        loaded.model.load_state_dict(state)
+    engine = CAMEngine(
+        loaded.model,
+        config.target_layer,
+        config.method,
+        input_size=loaded.input_size,
+        compile=config.compile,
+        channels_last=config.channels_last,
+    )
+    return loaded, engine
+
+
+def explain_batch(
+    engine: CAMEngine, loaded: LoadedModel, batch: Batch, targets: Targets
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(cams (B, K, h, w), classes (B, K), softmax scores (B, K)) of a decoded batch."""
+    x = loaded.preprocess(batch.inputs)
+    if isinstance(targets, tuple):
+        targets = torch.tensor(targets).expand(len(x), -1)
+    res = engine(x, targets)
+    loaded.check_num_classes(res.logits.shape[1])
+    scores = res.logits.float().softmax(1).gather(1, res.classes)
+    return res.cams, res.classes, scores
+
+
+def check_model(engine: CAMEngine, loaded: LoadedModel, targets: Targets) -> None:
+    """Explain a blank image, so that a wrong layer, method, target or labels file fails now,
+    once, and not as a failure of every image (:func:`explain_images` records those)."""
+    blank = torch.zeros(1, 3, *loaded.input_size, dtype=torch.uint8)
+    explain_batch(engine, loaded, Batch([0], [blank[0]], blank), targets)
+
+
+def original_size_maps(
+    batch: Batch, cams: Tensor, colormap: str | None, alpha: float
+) -> Iterator[tuple[int, Tensor, Tensor | None]]:
+    """Each image's heatmaps at its original size, and their overlays.
+
+    Maps of same-size images are upsampled (and coloured) in one call, on the maps' device.
+
+    Args:
+        batch: the decoded images (originals at their own sizes).
+        cams: (B, K, h, w) maps from the engine.
+        colormap: the overlays' colour map, or ``None`` for no overlays.
+        alpha: weight of the colour in the overlays.
+
+    Yields:
+        (row in the batch, heatmaps (K, H, W) float32 in [0, 1] on the CPU, overlays
+        (K, 3, H, W) uint8 on the CPU or ``None``), grouped by image size.
+    """
+    by_size: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for row, image in enumerate(batch.originals):
+        by_size[tuple(image.shape[1:])].append(row)
+    for size, rows in by_size.items():
+        picked = torch.tensor(rows, device=cams.device)
+        maps = heatmaps(cams.index_select(0, picked), size)
+        overlays = None
+        if colormap is not None:
+            images = torch.stack([batch.originals[r] for r in rows]).to(cams.device)
+            overlays = overlay(images, maps, colormap, alpha).cpu()
+        maps = maps.float().cpu()
+        for i, row in enumerate(rows):
+            yield row, maps[i], None if overlays is None else overlays[i]
+
+
+@dataclass
+class Explained:
+    """The results of one image.
+
+    Attributes:
+        key: the image's key (:func:`cam_engine.io.image_keys`).
+        classes, names, scores: the K explained classes, their names, softmax probabilities.
+        size: (H, W) of the original image.
+        heatmaps: (K, H, W) float32 in [0, 1], or ``None`` when they are not kept.
+        image: (3, H, W) uint8 original, for the pictures.
+        overlays: (K, 3, H, W) uint8, or ``None`` when no picture is saved.
+    """
+
+    key: str
+    classes: list[int]
+    names: list[str]
+    scores: list[float]
+    size: tuple[int, int]
+    heatmaps: np.ndarray | None
+    image: Tensor | None = None
+    overlays: Tensor | None = None
+
+
+def explain_images(
+    engine: CAMEngine,
+    loaded: LoadedModel,
+    batch: Batch,
+    keys: list[str],
+    config: ExplainConfig,
+) -> tuple[list[Explained], list[tuple[str, str]]]:
+    """Explain a decoded batch; if the engine fails on it, redo it image by image.
+
+    An image that fails alone (e.g. out of memory on one huge image) is recorded; the others
+    are explained. Batch row ``i`` is image ``keys[batch.indices[i]]``.
+
+    Returns:
+        (the results, in batch order; (key, reason) of the images that failed alone).
+    """
+    try:
+        return _explain(engine, loaded, batch, keys, config), []
+    except Exception as exc:  # one image's fault must not cost the others
+        if len(batch.indices) == 1:
+            return [], [(keys[batch.indices[0]], f"{type(exc).__name__}: {reason(exc)}")]
+    explained, failures = [], []
+    for i, index in enumerate(batch.indices):
+        one = Batch([index], [batch.originals[i]], batch.inputs[i : i + 1])
+        done, failed = explain_images(engine, loaded, one, keys, config)
+        explained += done
+        failures += failed
+    return explained, failures
+
+
+def _explain(
+    engine: CAMEngine, loaded: LoadedModel, batch: Batch, keys: list[str], config: ExplainConfig
+) -> list[Explained]:
+    cams, classes, scores = explain_batch(engine, loaded, batch, config.targets)
+    classes, scores = classes.tolist(), scores.tolist()
+    colormap = config.colormap if config.save & {"png", "sheet"} else None
+    explained: dict[int, Explained] = {}
+    for row, maps, overlays in original_size_maps(batch, cams, colormap, config.alpha):
+        image = batch.originals[row]
+        explained[row] = Explained(
+            key=keys[batch.indices[row]],
+            classes=classes[row],
+            names=[loaded.class_name(c) for c in classes[row]],
+            scores=scores[row],
+            size=tuple(image.shape[1:]),
+            heatmaps=maps.numpy() if "npz" in config.save else None,
+            image=image,
+            overlays=overlays,
+        )
+    return [explained[row] for row in sorted(explained)]

@@ -1,0 +1,102 @@
+"""What a run writes for each image: its output name, its CSV rows, its pictures."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import unicodedata
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import TextIO
+
+import torch
+import torchvision.transforms.v2.functional as TF
+from PIL import Image
+from torch import Tensor
+
+from ..io import contact_sheet
+from .compute import Explained
+
+__all__ = [
+    "PREDICTION_COLUMNS",
+    "SHEET_TILE",
+    "output_name",
+    "pictures",
+    "prediction_rows",
+    "write_skipped",
+]
+
+PREDICTION_COLUMNS = ["image", "class_id", "class_name", "score"]
+#: longest side of a contact-sheet tile; overlays themselves are always at full size
+SHEET_TILE = 512
+#: longest part of an output name, in UTF-8 bytes: ``<part>.<class_id>.png`` stays under the
+#: 255 bytes that file systems allow
+NAME_BYTES = 200
+
+
+def output_name(key: str) -> str:
+    """The name of an image's outputs (pictures, NPZ entry, shard row): its key, made safe.
+
+    Each ``/``-separated part of the key that is not valid UTF-8 (a file name's undecodable
+    bytes), holds control characters (a newline) or is longer than ``NAME_BYTES`` bytes becomes
+    ``<readable prefix>~<16 hex digits of its SHA-256>``; other parts are kept as they are, so
+    that ``output_name("a/1.jpg") == "a/1.jpg"``. Distinct keys get distinct names.
+    """
+    return "/".join(_safe_part(part) for part in key.split("/"))
+
+
+def _safe_part(part: str) -> str:
+    odd = [ch for ch in part if unicodedata.category(ch) in ("Cc", "Cs")]
+    if not odd and len(part.encode("utf-8")) <= NAME_BYTES:
+        return part
+    digest = hashlib.sha256(part.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    readable = "".join("_" if unicodedata.category(ch) in ("Cc", "Cs") else ch for ch in part)
+    readable = readable.encode("utf-8")[: NAME_BYTES // 2].decode("utf-8", "ignore")
+    return f"{readable}~{digest}"
+
+
+def prediction_rows(
+    key: str, classes: list[int], names: list[str], scores: list[float]
+) -> list[list]:
+    """``predictions.csv`` rows of one image (see :data:`PREDICTION_COLUMNS`), one per class."""
+    return [[key, c, name, f"{p:.6g}"] for c, name, p in zip(classes, names, scores, strict=True)]
+
+
+def write_skipped(file: TextIO, rows: list[tuple[str, str]]) -> None:
+    """``skipped.csv``: the header ``image, reason`` and one row per unreadable image."""
+    table = csv.writer(file)
+    table.writerow(["image", "reason"])
+    table.writerows(rows)
+
+
+def pictures(result: Explained, save: Iterable[str]) -> Iterator[tuple[str, Tensor | Image.Image]]:
+    """The overlay PNGs and the contact sheet of one image, rendered when iterated.
+
+    Args:
+        result: the image's results, with its original and overlays (none: no pictures).
+        save: which pictures (``"png"``, ``"sheet"``; other names are ignored).
+
+    Yields:
+        (path relative to the output folder, picture for :func:`cam_engine.io.save_png`).
+    """
+    if result.overlays is None:
+        return
+    if "png" in save:
+        for c, tile in zip(result.classes, result.overlays, strict=True):
+            yield f"overlays/{output_name(result.key)}.{c}.png", tile
+    if "sheet" in save:
+        titles = [Path(result.key).name] + [
+            f"{name} p={p:.2f}" for name, p in zip(result.names, result.scores, strict=True)
+        ]
+        tiles = _shrink(torch.cat([result.image[None], result.overlays]))
+        yield f"sheets/{output_name(result.key)}.png", contact_sheet(tiles[None], [titles])
+
+
+def _shrink(tiles: Tensor) -> Tensor:
+    """(N, 3, H, W) uint8 tiles scaled so that their longest side is at most ``SHEET_TILE``."""
+    height, width = tiles.shape[-2:]
+    scale = SHEET_TILE / max(height, width)
+    if scale >= 1:
+        return tiles
+    size = [max(1, round(height * scale)), max(1, round(width * scale))]
+    return TF.resize(tiles, size, antialias=True)

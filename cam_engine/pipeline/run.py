@@ -1,0 +1,183 @@
+"""An explain run: :func:`run_job` is the frame of every run (lock, settings, resume, tables),
+:func:`explain` runs it in this process (decoding in DataLoader workers, batch by batch)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from ..io import ImageFolder, collate, find_images, image_keys
+from ..loading import resolve_device
+from .compute import Explained, check_model, explain_images, load
+from .config import ExplainConfig, default_workers
+from .folder import OutputFolder
+from .outputs import output_name, pictures
+from .parts import Parts
+
+__all__ = ["Summary", "explain", "report", "run_job"]
+
+
+@dataclass
+class Summary:
+    """What a run left in its output folder.
+
+    Attributes:
+        images: the inputs' images.
+        explained: how many of them have heatmaps in the folder (this run's and earlier runs').
+        skipped: (key, reason) of the images that could not be decoded or explained.
+        attempted: images this run processed (the others were done by an earlier run).
+        seconds: wall-clock time of this run's explaining.
+    """
+
+    images: int
+    explained: int
+    skipped: list[tuple[str, str]]
+    attempted: int
+    seconds: float
+
+
+def run_job(
+    config: ExplainConfig,
+    folder: OutputFolder,
+    execute: Callable[[list[Path], list[str]], None],
+) -> Summary:
+    """A run into ``folder``: take its lock, check its settings, explain the images not done
+    yet with ``execute(paths, keys)``, which commits them to ``folder``, and write the tables.
+
+    Never reads ``config.out`` as input. A full disk raises one ``ValueError``.
+
+    Returns:
+        The :class:`Summary`, also printed on stderr.
+    """
+    paths = find_images(config.images, exclude=[config.out])
+    keys = image_keys(paths)
+    with folder.locked(), folder.disk_full_is_fatal():
+        folder.start(config.settings(), config.overwrite)
+        finished = folder.finished()
+        pending = [i for i, key in enumerate(keys) if output_name(key) not in finished]
+        print(
+            f"{len(keys) - len(pending)} of {len(keys)} images already done in {config.out}",
+            file=sys.stderr,
+        )
+        start = time.perf_counter()
+        if pending:
+            execute([paths[i] for i in pending], [keys[i] for i in pending])
+        seconds = time.perf_counter() - start
+        explained, skipped = folder.consolidate(keys)
+        folder.clear_temp()
+    summary = Summary(len(keys), explained, skipped, len(pending), seconds)
+    report(summary, config.out)
+    return summary
+
+
+def explain(config: ExplainConfig) -> Summary:
+    """Explain ``config.images`` into ``config.out`` in this process (``cam-engine explain``).
+
+    Resumable: a run killed at any point leaves whole files only, and its rerun explains the
+    images not done yet (see :mod:`.parts`).
+
+    Returns:
+        The :class:`Summary`, also printed on stderr.
+    """
+    if config.ray is not None:
+        raise ValueError("config.ray is set: run it with cam_engine.distributed.explain_dataset")
+    device = resolve_device(config.device)
+    folder = Parts(config.out, npz="npz" in config.save)
+    return run_job(config, folder, lambda paths, keys: _run(config, device, folder, paths, keys))
+
+
+def _run(
+    config: ExplainConfig, device: torch.device, folder: Parts, paths: list[Path], keys: list[str]
+) -> None:
+    loaded, engine = load(config, device)
+    check_model(engine, loaded, config.targets)
+    split = f"{engine.split_kind} split" + (", trunk compiled" if config.compile else "")
+    if engine.model.current().channels_last:
+        split += ", channels-last input"
+    height, width = loaded.input_size
+    print(
+        f"explaining {len(paths)} images with {loaded.source} at {engine.target_layer!r} "
+        f"({config.method}, {split}, input {height}x{width}) on {device} -> {config.out}",
+        file=sys.stderr,
+    )
+    loader = DataLoader(
+        ImageFolder(paths, loaded.input_size, config.max_pixels),
+        batch_size=config.batch_size,
+        num_workers=config.workers,
+        collate_fn=collate,
+        pin_memory=device.type == "cuda",
+    )
+    with ExitStack() as stack:
+        writer = _Writer(folder, config.save, stack)
+        bar = stack.enter_context(tqdm(total=len(paths), unit="img", desc="explain"))
+        for batch in loader:
+            failures = [(keys[i], reason) for i, reason in batch.skipped]
+            results: list[Explained] = []
+            if batch.inputs is not None:
+                results, failed = explain_images(engine, loaded, batch, keys, config)
+                failures += failed
+            writer.write(results, failures)
+            bar.update(len(batch.indices) + len(batch.skipped))
+        writer.finish()
+
+
+class _Writer:
+    """Writes the pictures of each batch on a few threads (zlib releases the GIL, so they overlap
+    the next batches' decoding and model), and commits each batch once its pictures are
+    written, in order, on the calling thread."""
+
+    def __init__(self, folder: Parts, save: frozenset[str], stack: ExitStack) -> None:
+        self.folder, self.save = folder, save
+        threads = max(1, default_workers())
+        self.pool = stack.enter_context(ThreadPoolExecutor(threads, "cam-engine-png"))
+        self.pending: deque[tuple[list[Future], list[Explained], list[tuple[str, str]]]] = deque()
+        self.max_pending = 4 * threads  # batches: bounds the overlays and maps held in memory
+
+    def write(self, results: list[Explained], failures: list[tuple[str, str]]) -> None:
+        """Write a batch's pictures, then commit it: its results and (key, reason) failures."""
+        found = [
+            self.pool.submit(self.folder.write_pictures, pictures(result, self.save))
+            for result in results
+        ]
+        self.pending.append((found, results, failures))
+        while self.pending and (
+            len(self.pending) > self.max_pending or all(f.done() for f in self.pending[0][0])
+        ):
+            self._commit()
+
+    def finish(self) -> None:
+        """Commit every batch still waiting for its pictures; the first failure is raised."""
+        while self.pending:
+            self._commit()
+
+    def _commit(self) -> None:
+        found, results, failures = self.pending.popleft()
+        for future in found:
+            future.result()
+        self.folder.write_batch(results, failures)
+
+
+def report(summary: Summary, out: Path) -> None:
+    """Print the summary of a run on stderr."""
+    rate = summary.attempted / max(summary.seconds, 1e-9)
+    print(
+        f"explained {summary.explained} of {summary.images} images -> {out}; this run: "
+        f"{summary.attempted} images in {summary.seconds:.1f} s ({rate:.1f} images/s)",
+        file=sys.stderr,
+    )
+    if summary.skipped:
+        print(
+            f"skipped {len(summary.skipped)} images (see {out / 'skipped.csv'}):", file=sys.stderr
+        )
+        for key, reason in summary.skipped[:20]:
+            print(f"  {key}: {reason}", file=sys.stderr)
