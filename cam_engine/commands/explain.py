@@ -68,9 +68,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--std", help="3 normalisation stds (default: the weights' or ImageNet's)")
     parser.add_argument(
-        "--num-classes", type=int, help="outputs of a torchvision model + state_dict"
-    )
-    parser.add_argument(
         "--colormap", default="jet", help=f"one of {', '.join(available_colormaps())}"
     )
     parser.add_argument("--alpha", type=float, default=0.5, help="weight of the colour overlay")
