@@ -1,20 +1,114 @@
-"""Recognise a global-average-pool -> linear head, where dScore/dA is known in closed form.
+"""Read a split model's head once, as a chain of ops from the target map to the logits.
 
-For ``logits = W @ mean_hw(A) + b`` the gradient of class ``c``'s score is ``W[c] / (h*w)`` at
-every position, so CAM and Grad-CAM need no backward pass: one einsum of FC rows with ``A``.
+:func:`read_head` walks the head's FX graph (the part after the target layer) and describes each
+op it recognises (:class:`HeadOp`); two readers interpret the description:
+
+- :func:`find_gap_linear`, for the engine: a global-average-pool -> linear head, where dScore/dA
+  is known in closed form. For ``logits = W @ mean_hw(A) + b`` the gradient of class ``c``'s
+  score is ``W[c] / (h*w)`` at every position, so CAM and Grad-CAM need no backward pass: one
+  einsum of FC rows with ``A``;
+- :func:`cam_engine.export.find_pool_mlp`, for the export: a pool -> flatten -> MLP head, whose
+  backward the exported graph writes out.
 """
 
 from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torchvision.models.convnext import LayerNorm2d
 
-__all__ = ["GapLinear", "find_gap_linear"]
+__all__ = ["GapLinear", "find_gap_linear", "HeadOp", "HeadChain", "read_head"]
+
+
+@dataclass(frozen=True)
+class HeadOp:
+    """One op of a head, as :func:`read_head` recognised it.
+
+    Attributes:
+        kind: what the op does:
+
+            - ``"pool"``: ``module`` is the pooling (``MaxPool2d``, ``AvgPool2d``,
+              ``AdaptiveAvgPool2d``, ``AdaptiveMaxPool2d``; a functional ``adaptive_avg_pool2d``
+              or a mean over (h, w) as an ``AdaptiveAvgPool2d``);
+            - ``"channel-norm"``: a LayerNorm over the channels of a (B, C, h, w) map
+              (``LayerNorm2d``, or ``permute -> layer_norm -> permute``); ``module`` is the
+              ``nn.LayerNorm`` of the last dimension with the same parameters;
+            - ``"flatten"``: (B, C, h, w) -> (B, C*h*w); ``module`` is ``None``;
+            - ``"dropout"``: ``module`` is the ``nn.Dropout`` (active in training mode), or
+              ``None`` for an ``nn.Identity`` or an inactive functional dropout;
+            - ``"linear"``: ``module`` is the ``nn.Linear`` (for ``F.linear`` on parameters, a new
+              one sharing them);
+            - ``"layer-norm"``: ``module`` is an ``nn.LayerNorm`` over the last dimension (for
+              ``F.layer_norm``, a new one sharing its parameters);
+            - ``"activation"``: ``module`` is the ``nn.ReLU``, ``nn.Hardswish``, ``nn.SiLU`` or
+              ``nn.GELU`` module (an ``nn.ReLU`` for a functional relu).
+        module: the op as a module applying it to the op's input (see ``kind``).
+        where: the op in words, for error messages (``"Linear module 'fc'"``).
+        flattens: the op's output is (B, D): a flatten, or a mean over (h, w) without keepdim.
+    """
+
+    kind: Literal[
+        "pool", "channel-norm", "flatten", "dropout", "linear", "layer-norm", "activation"
+    ]
+    module: nn.Module | None
+    where: str
+    flattens: bool = False
+
+
+@dataclass(frozen=True)
+class HeadChain:
+    """A head read from its input: the ops in order, up to the first one not understood.
+
+    Attributes:
+        ops: the recognised ops, in order.
+        stop: why reading stopped before the head's output (an op not recognised, a branch, a
+            head with several inputs), or ``None`` when every op on the way was recognised.
+        side_outputs: nodes whose value is an output of the head besides the chain's last
+            value (a model returning ``(logits, features)``).
+    """
+
+    ops: tuple[HeadOp, ...]
+    stop: str | None = None
+    side_outputs: tuple[str, ...] = ()
+
+
+def read_head(head: fx.GraphModule) -> HeadChain:
+    """Read a split model's head as a chain of ops from its input (shape queries aside).
+
+    The one reader of heads: :func:`find_gap_linear` and the export's ``find_pool_mlp``
+    interpret what it returns.
+    """
+    modules = dict(head.named_modules())
+    placeholders = [n for n in head.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != 1:
+        stop = (
+            f"the head takes {len(placeholders)} inputs (a value crosses the cut at the target "
+            "layer); only heads fed by the target map alone are supported"
+        )
+        return HeadChain((), stop)
+    node, ops, side_outputs = placeholders[0], [], []
+    while True:
+        users = [u for u in node.users if not _is_shape_query(u)]
+        following = [u for u in users if u.op != "output"]
+        if len(following) > 1:
+            stop = f"the head branches after {node.name!r}; only chains are supported"
+            return HeadChain(tuple(ops), stop, tuple(side_outputs))
+        if not following:
+            return HeadChain(tuple(ops), None, tuple(side_outputs))
+        if len(following) < len(users):
+            side_outputs.append(node.name)
+        read = _read_op(following[0], head, modules)
+        if read is None:
+            stop = f"unsupported op in the head: {_describe(following[0], modules)}"
+            return HeadChain(tuple(ops), stop, tuple(side_outputs))
+        op, node = read
+        ops.append(op)
 
 
 @dataclass
@@ -51,6 +145,42 @@ class GapLinear:
         return rows[(...,) + (None,) * len(spatial)].expand(*rows.shape, *spatial)
 
 
+def find_gap_linear(head: fx.GraphModule) -> GapLinear | None:
+    """The head's :class:`GapLinear` form, or ``None`` when it is anything else."""
+    chain = read_head(head)
+    if chain.stop is not None or len(chain.ops) < 2:
+        return None
+    pool, *middle, last = chain.ops
+    adaptive = isinstance(pool.module, nn.AdaptiveAvgPool2d)
+    global_average = isinstance(pool.module, nn.AvgPool2d) or (
+        adaptive and _pair(pool.module.output_size) == (1, 1)
+    )
+    if pool.kind != "pool" or not global_average or last.kind != "linear":
+        return None
+    if any(op.kind not in ("flatten", "dropout") for op in middle):
+        return None
+    return GapLinear(
+        last.module.weight,
+        [] if adaptive else [pool.module],
+        [op.module for op in middle if op.module is not None],
+    )
+
+
+# One op ------------------------------------------------------------------------------------------
+
+
+def _read_op(
+    node: fx.Node, head: fx.GraphModule, modules: dict[str, nn.Module]
+) -> tuple[HeadOp, fx.Node] | None:
+    """The op starting at ``node`` and its last node (a traced channel norm spans three)."""
+    if (channel_norm := _channel_norm(node, head, modules)) is not None:
+        return channel_norm
+    for read in (_pool, _flatten, _dropout, _linear, _layer_norm, _activation):
+        if (op := read(node, head, modules)) is not None:
+            return op, node
+    return None
+
+
 def _pair(value: int | tuple[int, ...]) -> tuple[int, ...]:
     return tuple(value) if isinstance(value, tuple | list) else (value, value)
 
@@ -69,87 +199,167 @@ def _is_shape_query(node: fx.Node) -> bool:
     )
 
 
-def _pool_kind(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
-    """'adaptive', 'avg' (runtime check) or None."""
+def _describe(node: fx.Node, modules: dict[str, nn.Module]) -> str:
+    if node.op == "call_module":
+        return f"{type(modules[node.target]).__name__} module {node.target!r}"
+    target = getattr(node.target, "__name__", node.target)
+    return f"{node.op} {target!r} (node {node.name!r})"
+
+
+def _parameter(head: fx.GraphModule, node) -> nn.Parameter | None:
+    """The parameter a ``get_attr`` node reads, else None."""
+    if not isinstance(node, fx.Node) or node.op != "get_attr":
+        return None
+    try:
+        return head.get_parameter(node.target)
+    except AttributeError:  # a buffer or a plain attribute
+        return None
+
+
+_POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+
+
+def _pool(node: fx.Node, head: fx.GraphModule, modules: dict[str, nn.Module]) -> HeadOp | None:
+    where = _describe(node, modules)
     if node.op == "call_module":
         module = modules[node.target]
-        if isinstance(module, nn.AdaptiveAvgPool2d) and _pair(module.output_size) == (1, 1):
-            return "adaptive"
-        if isinstance(module, nn.AvgPool2d):
-            return "avg"
-        return None
+        return HeadOp("pool", module, where) if isinstance(module, _POOLS) else None
     name = _name(node)
-    if name == "adaptive_avg_pool2d" and _pair(_arg(node, 1, "output_size")) == (1, 1):
-        return "adaptive"
+    if name == "adaptive_avg_pool2d":
+        size = _arg(node, 1, "output_size")
+        sizes = size if isinstance(size, tuple | list) else (size,)
+        if all(s is None or isinstance(s, int) for s in sizes):
+            return HeadOp("pool", nn.AdaptiveAvgPool2d(size), where)
     if name == "mean" and node.op in ("call_method", "call_function"):
         dims = _arg(node, 1, "dim")
         dims = (dims,) if isinstance(dims, int) else tuple(dims or ())
-        if sorted(d % 4 for d in dims) == [2, 3]:
-            return "adaptive"
+        if all(isinstance(d, int) for d in dims) and sorted(d % 4 for d in dims) == [2, 3]:
+            keep = bool(_arg(node, 2, "keepdim", False))
+            return HeadOp("pool", nn.AdaptiveAvgPool2d(1), where, flattens=not keep)
     return None
 
 
-def _is_flatten(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
+def _flatten(node: fx.Node, head: fx.GraphModule, modules: dict[str, nn.Module]) -> HeadOp | None:
+    op = HeadOp("flatten", None, _describe(node, modules), flattens=True)
     if node.op == "call_module":
         module = modules[node.target]
-        return isinstance(module, nn.Flatten) and module.start_dim == 1
+        return op if isinstance(module, nn.Flatten) and module.start_dim == 1 else None
     name = _name(node)
     if name == "flatten":
-        return _arg(node, 1, "start_dim", 0) == 1
+        return op if _arg(node, 1, "start_dim", 0) == 1 else None
     if name in ("view", "reshape") and node.op == "call_method":
         shape = node.args[1:]
         shape = shape[0] if len(shape) == 1 and isinstance(shape[0], tuple | list) else shape
-        return len(shape) == 2 and shape[1] == -1
-    return False
+        return op if len(shape) == 2 and shape[1] == -1 else None
+    return None
 
 
-def _dropout(node: fx.Node, modules: dict[str, nn.Module]) -> nn.Module | bool | None:
-    """The dropout module, True for an inactive functional dropout, None if not a dropout."""
+def _dropout(node: fx.Node, head: fx.GraphModule, modules: dict[str, nn.Module]) -> HeadOp | None:
+    where = _describe(node, modules)
     if node.op == "call_module":
         module = modules[node.target]
         if isinstance(module, nn.Identity):
-            return True
-        return module if isinstance(module, nn.Dropout) else None
-    if node.target is F.dropout:
-        return True if not _arg(node, 2, "training", True) else None
+            return HeadOp("dropout", None, where)
+        return HeadOp("dropout", module, where) if isinstance(module, nn.Dropout) else None
+    if node.target is F.dropout and not _arg(node, 2, "training", True):
+        return HeadOp("dropout", None, where)
     return None
 
 
-def _linear_weight(node: fx.Node, head: fx.GraphModule) -> Tensor | None:
+def _linear(node: fx.Node, head: fx.GraphModule, modules: dict[str, nn.Module]) -> HeadOp | None:
+    where = _describe(node, modules)
     if node.op == "call_module":
-        module = head.get_submodule(node.target)
-        return module.weight if isinstance(module, nn.Linear) else None
-    if node.target in (F.linear, torch._C._nn.linear) and node.args[1].op == "get_attr":
-        return head.get_parameter(node.args[1].target)
+        module = modules[node.target]
+        return HeadOp("linear", module, where) if isinstance(module, nn.Linear) else None
+    if node.op != "call_function" or node.target not in (F.linear, torch._C._nn.linear):
+        return None
+    weight = _parameter(head, _arg(node, 1, "weight"))
+    bias_node = _arg(node, 2, "bias")
+    bias = None if bias_node is None else _parameter(head, bias_node)
+    if weight is None or (bias_node is not None and bias is None):
+        return None
+    out_features, in_features = weight.shape
+    linear = nn.Linear(in_features, out_features, bias=False, device="meta")
+    linear.weight, linear.bias = weight, bias
+    return HeadOp("linear", linear, where)
+
+
+def _flat_layer_norm(shape, weight: Tensor | None, bias: Tensor | None, eps: float) -> nn.LayerNorm:
+    """A plain ``nn.LayerNorm`` sharing the given parameters (either may be absent)."""
+    norm = nn.LayerNorm(shape, eps, elementwise_affine=False)
+    norm.weight, norm.bias = weight, bias
+    return norm
+
+
+def _layer_norm(
+    node: fx.Node, head: fx.GraphModule, modules: dict[str, nn.Module]
+) -> HeadOp | None:
+    """The LayerNorm over the last dimension a node applies (module or functional), else None."""
+    where = _describe(node, modules)
+    if node.op == "call_module":
+        module = modules[node.target]
+        # the exact type: subclasses (LayerNorm2d) normalise other dimensions in their forward
+        plain = type(module) is nn.LayerNorm and len(module.normalized_shape) == 1
+        return HeadOp("layer-norm", module, where) if plain else None
+    if node.op != "call_function" or node.target is not F.layer_norm:
+        return None
+    shape, eps = _arg(node, 1, "normalized_shape"), _arg(node, 4, "eps", 1e-5)
+    affine = [_arg(node, 2, "weight"), _arg(node, 3, "bias")]
+    weight, bias = (a if a is None else _parameter(head, a) for a in affine)
+    over_last = isinstance(shape, tuple | list) and len(shape) == 1
+    if not over_last or (affine[0] is not None and weight is None):
+        return None
+    if affine[1] is not None and bias is None:
+        return None
+    return HeadOp("layer-norm", _flat_layer_norm(shape, weight, bias, eps), where)
+
+
+def _activation(
+    node: fx.Node, head: fx.GraphModule, modules: dict[str, nn.Module]
+) -> HeadOp | None:
+    where = _describe(node, modules)
+    if node.op == "call_module":
+        module = modules[node.target]
+        known = isinstance(module, nn.ReLU | nn.Hardswish | nn.SiLU | nn.GELU)
+        return HeadOp("activation", module, where) if known else None
+    if node.target in (F.relu, torch.relu, torch.relu_, "relu", "relu_"):
+        return HeadOp("activation", nn.ReLU(), where)
     return None
 
 
-def find_gap_linear(head: fx.GraphModule) -> GapLinear | None:
-    """The head's :class:`GapLinear` form, or ``None`` when it is anything else."""
-    modules = dict(head.named_modules())
-    placeholders = [n for n in head.graph.nodes if n.op == "placeholder"]
-    if len(placeholders) != 1:
-        return None
-    node, seen_pool, result = placeholders[0], False, None
-    pools, dropouts = [], []
-    while True:
-        users = [u for u in node.users if u.op != "output" and not _is_shape_query(u)]
-        if len(users) != 1:
-            return result if not users else None
-        if result is not None:
-            return None  # something follows the linear layer
-        node = users[0]
-        kind = _pool_kind(node, modules)
-        if kind and not seen_pool:
-            seen_pool = True
-            if kind == "avg":
-                pools.append(modules[node.target])
-        elif seen_pool and _is_flatten(node, modules):
-            pass
-        elif seen_pool and (dropout := _dropout(node, modules)) is not None:
-            if isinstance(dropout, nn.Module):
-                dropouts.append(dropout)
-        elif seen_pool and (weight := _linear_weight(node, head)) is not None:
-            result = GapLinear(weight, pools, dropouts)
-        else:
+def _only_user(node: fx.Node) -> fx.Node | None:
+    users = [u for u in node.users if not _is_shape_query(u)]
+    return users[0] if len(users) == 1 else None
+
+
+def _permutes(node: fx.Node | None, dims: tuple[int, ...]) -> bool:
+    """Whether ``node`` permutes the dimensions of a 4-d tensor into the order ``dims``."""
+    if node is None:
+        return False
+    method = node.op == "call_method" and node.target == "permute"
+    if not (method or (node.op == "call_function" and node.target is torch.permute)):
+        return False
+    order = node.kwargs.get("dims", node.args[1:])
+    order = order[0] if len(order) == 1 and isinstance(order[0], tuple | list) else order
+    return all(isinstance(d, int) for d in order) and tuple(d % 4 for d in order) == dims
+
+
+def _channel_norm(
+    node: fx.Node, head: fx.GraphModule, modules: dict[str, nn.Module]
+) -> tuple[HeadOp, fx.Node] | None:
+    """The LayerNorm over the channels of a (B, C, h, w) map starting at ``node`` and its last
+    node: a ``LayerNorm2d`` module kept as a leaf, or its traced ``permute(0, 2, 3, 1) ->
+    layer_norm -> permute(0, 3, 1, 2)``. None if neither."""
+    where = _describe(node, modules)
+    if node.op == "call_module":
+        module = modules[node.target]
+        if not isinstance(module, LayerNorm2d):
             return None
+        norm = _flat_layer_norm(module.normalized_shape, module.weight, module.bias, module.eps)
+        return HeadOp("channel-norm", norm, where), node
+    if not _permutes(node, (0, 2, 3, 1)) or (inner := _only_user(node)) is None:
+        return None
+    norm = _layer_norm(inner, head, modules)
+    if norm is None or not _permutes(end := _only_user(inner), (0, 3, 1, 2)):
+        return None
+    return HeadOp("channel-norm", norm.module, where), end

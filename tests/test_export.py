@@ -20,6 +20,7 @@ from cam_engine import postprocess
 from cam_engine.cli import main
 from cam_engine.export import OrtCAM, optimize, to_onnx
 from cam_engine.export.graphs import adaptive_avg_pool, find_pool_mlp, layer_norm_backward
+from cam_engine.heads import find_gap_linear
 
 F32 = torch.float32
 
@@ -146,6 +147,7 @@ def test_file_checks_and_metadata(r18_top5):
     assert meta["inputs"] == {"x": ["batch", 3, "height", "width"]}
     assert [o.name for o in proto.graph.output] == list(meta["outputs"])
     assert meta["num_classes"] == 1000
+    assert meta["min_input_size"] == [32, 32]  # resnet18's layer4 has stride 32
 
 
 def test_gradcam_is_the_same_graph_and_raw_maps_equal_engine_cams(resnet18_f32, tmp_path):
@@ -235,6 +237,37 @@ def test_vgg_style_head_gradcam_any_size(tmp_path):
         assert_matches_engine(ort_cam, net, "gradcam", images(batch, size, F32, seed=batch))
 
 
+class MeanMLPNet(nn.Module):
+    """A head in functional ops: ``A.mean((2, 3))`` -> Linear -> ``F.relu`` -> Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2))
+        self.hidden = nn.Linear(16, 32)
+        self.out = nn.Linear(32, 7)
+
+    def forward(self, x):
+        return self.out(F.relu(self.hidden(self.features(x).mean((2, 3)))))
+
+
+def test_functional_pool_head_is_read_as_the_engine_reads_it(tmp_path):
+    """One head reader: the pool the engine's closed form knows (a mean over h, w) is the
+    export's too; before, the export refused the functional mean."""
+    torch.manual_seed(0)
+    net = MeanMLPNet().eval()
+    head = ce.CAMModel(net, "features", input_size=(32, 32)).current().split.head
+    assert find_gap_linear(head) is None  # an MLP, not linear after the pool
+    parsed = find_pool_mlp(head)
+    assert [type(p) for p in parsed.pools] == [nn.AdaptiveAvgPool2d]
+    assert [type(layer) for layer in parsed.layers] == [nn.Linear, nn.ReLU, nn.Linear]
+    assert parsed.layers[0] is net.hidden and parsed.layers[2] is net.out
+    path = tmp_path / "mean.onnx"
+    result = to_onnx(net, path, "features", method="gradcam", topk=2, input_size=(32, 24),
+                     dynamic_size=True)  # fmt: skip
+    assert result.metadata["head"] == "pool-mlp"
+    assert_matches_engine(OrtCAM(path), net, "gradcam", images(3, (40, 32), F32))
+
+
 @pytest.mark.parametrize("affine", [True, False])
 def test_layer_norm_backward_matches_autograd(affine):
     torch.manual_seed(0)
@@ -271,7 +304,7 @@ def test_layer_norm2d_kept_as_leaf_or_traced_reads_the_same():
 def test_layer_norm_head_gradcam_any_size(tmp_path):
     net = small_norm_net()
     path = tmp_path / "norm.onnx"
-    result = to_onnx(net, path, "features", "gradcam", topk=3, input_size=(48, 40),
+    result = to_onnx(net, path, "features", method="gradcam", topk=3, input_size=(48, 40),
                      dynamic_size=True)  # fmt: skip
     assert result.metadata["head"] == "pool-mlp"
     ort_cam = OrtCAM(path)
@@ -282,7 +315,7 @@ def test_layer_norm_head_gradcam_any_size(tmp_path):
 def test_layer_norm2d_on_a_map_not_pooled_to_1x1_is_refused(tmp_path):
     path = tmp_path / "norm.onnx"
     with pytest.raises(ValueError, match=r"LayerNorm over channels .* only on a 1x1 pooled map"):
-        to_onnx(small_norm_net(pooled=2), path, "features", "gradcam", input_size=(48, 48))
+        to_onnx(small_norm_net(pooled=2), path, "features", method="gradcam", input_size=(48, 48))
     assert not path.exists()
 
 
@@ -292,7 +325,7 @@ def test_unsupported_heads_and_arguments_raise(tmp_path):
         to_onnx(small_vgg(), path, method="cam", input_size=(48, 48))
     squeeze = make_model("squeezenet1_0", 64, dtype=F32)
     with pytest.raises(ValueError, match=r"unsupported op in the head: Conv2d .*'classifier.1'"):
-        to_onnx(squeeze, path, "features", "gradcam", input_size=(64, 64))
+        to_onnx(squeeze, path, "features", method="gradcam", input_size=(64, 64))
     with pytest.raises(ValueError, match="supports methods cam, gradcam"):
         to_onnx(squeeze, path, method="gradcam++")
     with pytest.raises(ValueError, match="training mode"):
@@ -311,6 +344,9 @@ def test_ort_cam_errors(r18_top5, tmp_path):
         ort_cam.run(x, torch.zeros(2, 1, dtype=torch.long))
     with pytest.raises(ValueError, match="empty batch"):
         ort_cam(x[:0])
+    # below one map cell a dynamic file would return flat maps and confident logits
+    with pytest.raises(ValueError, match=r"images of 1x1 are below this file's minimum 32x32"):
+        ort_cam(images(2, 1, F32))
     plain = tmp_path / "plain.onnx"
     torch.onnx.export(nn.Linear(2, 2), (torch.zeros(1, 2),), str(plain), dynamo=False)
     with pytest.raises(ValueError, match="no 'cam_engine' metadata"):
@@ -414,7 +450,7 @@ def test_convnext_gradcam_through_its_layer_norm2d(tmp_path):
 def test_densenet_features_before_relu_is_not_a_cam_layer(tmp_path):
     model = make_model("densenet121", 64, dtype=F32)
     with pytest.raises(ValueError, match="global average pooling"):
-        to_onnx(model, tmp_path / "d.onnx", "features", "cam", input_size=(64, 64))
+        to_onnx(model, tmp_path / "d.onnx", "features", method="cam", input_size=(64, 64))
 
 
 @pytest.mark.slow

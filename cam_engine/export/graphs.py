@@ -15,15 +15,15 @@ graph that stays exact at every batch size and, where the ops allow, every input
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.models.convnext import LayerNorm2d
 
-from ..heads import _arg, _dropout, _is_flatten, _is_shape_query
+from ..heads import read_head
 from ..model import CAMModel, select_output
 from ..postprocess import colormap_lut, normalize
 
@@ -56,10 +56,7 @@ class Postprocess(nn.Module):
         std: tuple[float, float, float] = (1.0, 1.0, 1.0),
     ) -> None:
         super().__init__()
-        if colormap is not None and not (upsample and normalize):
-            raise ValueError("an overlay needs upsample=True and normalize=True")
-        if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+        self.check_arguments(upsample, normalize, colormap, alpha)
         self.upsample = upsample
         self.normalize = normalize
         self.alpha = alpha
@@ -70,6 +67,16 @@ class Postprocess(nn.Module):
             self.register_buffer("lut", colormap_lut(colormap).float().clone())
             self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1))
             self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    @staticmethod
+    def check_arguments(upsample: bool, normalize: bool, colormap: str | None, alpha) -> None:
+        """``ValueError`` for arguments the constructor cannot take (see the class)."""
+        if colormap is not None:
+            colormap_lut(colormap)  # unknown names list the available ones
+            if not (upsample and normalize):
+                raise ValueError("an overlay needs upsample=True and normalize=True")
+        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0 <= alpha <= 1:
+            raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")
 
     def forward(self, cams: Tensor, x: Tensor) -> Tensor:
         maps = cams.float()
@@ -187,25 +194,10 @@ def _pair(value) -> tuple:
     return tuple(value) if isinstance(value, tuple | list) else (value, value)
 
 
-def _describe(node: fx.Node, modules: dict[str, nn.Module]) -> str:
-    if node.op == "call_module":
-        return f"{type(modules[node.target]).__name__} module {node.target!r}"
-    target = getattr(node.target, "__name__", node.target)
-    return f"{node.op} {target!r} (node {node.name!r})"
-
-
-_ACTIVATIONS = (nn.ReLU, nn.Hardswish, nn.SiLU)
-
-
-def _activation(node: fx.Node, modules: dict[str, nn.Module]) -> nn.Module | None:
-    """The elementwise activation a node applies (one with a derivative below), else None."""
-    if node.op == "call_module":
-        module = modules[node.target]
-        exact_gelu = isinstance(module, nn.GELU) and module.approximate == "none"
-        return module if isinstance(module, _ACTIVATIONS) or exact_gelu else None
-    if node.target in (F.relu, torch.relu, torch.relu_, "relu", "relu_"):
-        return nn.ReLU()
-    return None
+def _has_derivative(activation: nn.Module) -> bool:
+    """Whether :func:`derivative` knows the activation (exact GELU, not its tanh form)."""
+    exact_gelu = isinstance(activation, nn.GELU) and activation.approximate == "none"
+    return isinstance(activation, nn.ReLU | nn.Hardswish | nn.SiLU) or exact_gelu
 
 
 def derivative(activation: nn.Module, z: Tensor) -> Tensor:
@@ -247,67 +239,6 @@ def layer_norm_backward(norm: nn.LayerNorm, x: Tensor, grads: Tensor) -> Tensor:
     return (dx / sigma).to(grads.dtype)
 
 
-def _flat_layer_norm(shape, weight: Tensor | None, bias: Tensor | None, eps: float) -> nn.LayerNorm:
-    """A plain ``nn.LayerNorm`` sharing the given parameters (either may be absent)."""
-    norm = nn.LayerNorm(shape, eps, elementwise_affine=False)
-    norm.weight, norm.bias = weight, bias
-    return norm
-
-
-def _layer_norm(node: fx.Node, head: fx.GraphModule) -> nn.LayerNorm | None:
-    """The LayerNorm over the last dimension a node applies (module or functional), else None."""
-    if node.op == "call_module":
-        module = head.get_submodule(node.target)
-        # the exact type: subclasses (LayerNorm2d) normalise other dimensions in their forward
-        plain = type(module) is nn.LayerNorm and len(module.normalized_shape) == 1
-        return module if plain else None
-    if node.op != "call_function" or node.target is not F.layer_norm:
-        return None
-    shape, eps = _arg(node, 1, "normalized_shape"), _arg(node, 4, "eps", 1e-5)
-    affine = [_arg(node, 2, "weight"), _arg(node, 3, "bias")]
-    over_last = isinstance(shape, tuple | list) and len(shape) == 1
-    if not over_last or any(a is not None and a.op != "get_attr" for a in affine):
-        return None
-    weight, bias = (a if a is None else head.get_parameter(a.target) for a in affine)
-    return _flat_layer_norm(shape, weight, bias, eps)
-
-
-def _permutes(node: fx.Node, dims: tuple[int, ...]) -> bool:
-    """Whether ``node`` permutes the dimensions of a 4-d tensor into the order ``dims``."""
-    method = node.op == "call_method" and node.target == "permute"
-    if not (method or (node.op == "call_function" and node.target is torch.permute)):
-        return False
-    order = node.kwargs.get("dims", node.args[1:])
-    order = order[0] if len(order) == 1 and isinstance(order[0], tuple | list) else order
-    return all(isinstance(d, int) for d in order) and tuple(d % 4 for d in order) == dims
-
-
-def _next(node: fx.Node) -> fx.Node:
-    """The one node using ``node``'s value (shape queries aside); ``ValueError`` on a branch."""
-    users = [u for u in node.users if not _is_shape_query(u)]
-    if len(users) != 1:
-        raise ValueError(f"the head branches after {node.name!r}; only chains are supported")
-    return users[0]
-
-
-def _channel_norm(node: fx.Node, head: fx.GraphModule) -> tuple[nn.LayerNorm, fx.Node] | None:
-    """The LayerNorm over the channels of a (B, C, h, w) map starting at ``node``, as a LayerNorm
-    of the last dimension, and its last node: a ``LayerNorm2d`` module kept as a leaf, or its
-    traced ``permute(0, 2, 3, 1) -> layer_norm -> permute(0, 3, 1, 2)``. None if neither."""
-    if node.op == "call_module":
-        module = head.get_submodule(node.target)
-        if not isinstance(module, LayerNorm2d):
-            return None
-        norm = _flat_layer_norm(module.normalized_shape, module.weight, module.bias, module.eps)
-        return norm, node
-    if not _permutes(node, (0, 2, 3, 1)):
-        return None
-    norm = _layer_norm(inner := _next(node), head)
-    if norm is None or not _permutes(end := _next(inner), (0, 3, 1, 2)):
-        return None
-    return norm, end
-
-
 def _pooled_to_one(pools: list[nn.Module]) -> bool:
     """Whether the pooled map is 1x1 at every input size: the last pool is adaptive to 1x1."""
     last = pools[-1] if pools else None
@@ -316,42 +247,44 @@ def _pooled_to_one(pools: list[nn.Module]) -> bool:
 
 
 def find_pool_mlp(head: fx.GraphModule) -> PoolMLP:
-    """Read a pool -> flatten -> MLP head, or raise ``ValueError`` naming the first other op."""
-    modules = dict(head.named_modules())
-    placeholders = [n for n in head.graph.nodes if n.op == "placeholder"]
-    if len(placeholders) != 1:
+    """Read a pool -> flatten -> MLP head, or raise ``ValueError`` naming the first other op.
+
+    The head is read by :func:`cam_engine.heads.read_head`, as the engine's closed form is.
+    """
+    chain = read_head(head)
+    if chain.side_outputs:
         raise ValueError(
-            f"the head takes {len(placeholders)} inputs (a value crosses the cut at the target "
-            "layer); only heads fed by the target map alone can be exported"
+            f"the head branches after {chain.side_outputs[0]!r} (to its output); only heads "
+            "that output the logits alone are supported"
         )
-    node, pools, layers, flat = placeholders[0], [], [], False
-    while (node := _next(node)).op != "output":
+    pools, layers, flat = [], [], False
+    for op in chain.ops:
         # pools come first: the graph pools before it runs the layers
-        pooling = not flat and not layers and node.op == "call_module"
-        if pooling and _conserves_gradient_sum(modules[node.target]):
-            pools.append(modules[node.target])
-        elif not flat and (channel_norm := _channel_norm(node, head)) is not None:
+        if op.kind == "pool" and not (flat or layers) and _conserves_gradient_sum(op.module):
+            pools.append(op.module)
+            flat = op.flattens
+        elif op.kind == "channel-norm" and not flat:
             if not _pooled_to_one(pools):
                 raise ValueError(
-                    f"the LayerNorm over channels (LayerNorm2d) at {_describe(node, modules)} "
-                    "is supported only on a 1x1 pooled map, where it is a LayerNorm of the "
-                    "flattened vector; the map before it is not adaptively pooled to 1x1"
+                    f"the LayerNorm over channels (LayerNorm2d) at {op.where} is supported "
+                    "only on a 1x1 pooled map, where it is a LayerNorm of the flattened vector; "
+                    "the map before it is not adaptively pooled to 1x1"
                 )
-            norm, node = channel_norm
-            layers.append(norm)
-        elif not flat and _is_flatten(node, modules):
+            layers.append(op.module)
+        elif op.kind == "flatten":
             flat = True
-        elif flat and node.op == "call_module" and isinstance(modules[node.target], nn.Linear):
-            layers.append(modules[node.target])
-        elif flat and (norm := _layer_norm(node, head)) is not None:
-            layers.append(norm)
-        elif flat and (activation := _activation(node, modules)) is not None:
-            layers.append(activation)
-        elif (dropout := _dropout(node, modules)) is not None:
-            if isinstance(dropout, nn.Module) and dropout.training and dropout.p > 0:
-                raise ValueError(f"dropout {node.target!r} is active: call model.eval() first")
+        elif flat and (
+            op.kind in ("linear", "layer-norm")
+            or (op.kind == "activation" and _has_derivative(op.module))
+        ):
+            layers.append(op.module)
+        elif op.kind == "dropout":
+            if op.module is not None and op.module.training and op.module.p > 0:
+                raise ValueError(f"{op.where} is active: call model.eval() first")
         else:
-            raise ValueError(f"unsupported op in the head: {_describe(node, modules)}")
+            raise ValueError(f"unsupported op in the head: {op.where}")
+    if chain.stop is not None:
+        raise ValueError(chain.stop)
     if not any(isinstance(layer, nn.Linear) for layer in layers):
         raise ValueError("the head has no linear layer after flattening")
     return PoolMLP(pools, layers)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,8 +12,8 @@ import torch
 from torch import Tensor
 
 from ..engine import CAMResult, check_images
-from ..targets import Targets, TopK, resolve_classes
-from .writer import METADATA_KEY
+from ..targets import BottomK, Target, Targets, TopK, resolve_classes
+from .metadata import CAMMetadata
 
 __all__ = ["OrtCAM", "OrtResult", "default_providers", "run_bound"]
 
@@ -147,10 +146,7 @@ class OrtCAM:
         self.session = ort.InferenceSession(
             str(path), session_options, providers=providers or default_providers(device)
         )
-        meta = self.session.get_modelmeta().custom_metadata_map.get(METADATA_KEY)
-        if meta is None:
-            raise ValueError(f"{path} has no {METADATA_KEY!r} metadata: export it with to_onnx")
-        self.metadata: dict = json.loads(meta)
+        self.cam_metadata = CAMMetadata.from_session(self.session, str(path))
         self.providers: list[str] = self.session.get_providers()
         self.on_gpu = any(
             p in self.providers for p in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
@@ -159,27 +155,41 @@ class OrtCAM:
             device = torch.device("cuda", 0) if self.on_gpu else torch.device("cpu")
         self.device = device
         self.output_names = [o.name for o in self.session.get_outputs()]
-        self.takes_classes = "classes" in [i.name for i in self.session.get_inputs()]
+        self.takes_classes = "classes" in self.cam_metadata.inputs
+
+    @property
+    def metadata(self) -> dict:
+        """The file's metadata as stored (a JSON object; :attr:`cam_metadata` is the typed
+        form, :mod:`cam_engine.export.metadata` documents the keys)."""
+        return self.cam_metadata.to_dict()
 
     @property
     def topk(self) -> int:
         """Classes explained per image without a ``classes`` input."""
-        return int(self.metadata["topk"])
+        return self.cam_metadata.topk
 
-    def run(self, x: Tensor, classes: Tensor | None = None) -> dict[str, Tensor]:
+    def run(self, x: Tensor, classes: Targets = None) -> dict[str, Tensor]:
         """The file's outputs by name, on :attr:`device`.
 
         Args:
-            x: (B, C, H, W) float images.
-            classes: (B, K) class ids, for files exported with ``classes_input=True``.
+            x: (B, C, H, W) float images: C (and without ``dynamic_batch`` B) as exported; (H, W)
+                the export's ``input_size``, or with ``dynamic_size`` at least the file's
+                ``min_input_size``.
+            classes: for files exported with ``classes_input=True`` (and only for them), class
+                ids as :class:`cam_engine.CAMEngine` takes them: an int (every image), (B,) (one
+                per image) or (B, K); integers in [0, num_classes).
+
+        Raises:
+            ValueError: images or classes the file cannot take (see above).
         """
         check_images(x)
+        self.cam_metadata.check_input(x.shape)
         if self.takes_classes != (classes is not None):
             need = "needs classes (B, K)" if self.takes_classes else "takes no classes input"
             raise ValueError(f"this file {need}")
         x = x.detach().float().contiguous()
         if classes is not None:
-            classes = classes.to(x.device, torch.long).contiguous()
+            classes = self._class_ids(classes, x).contiguous()
         if x.is_cuda and self.on_gpu:
             return self._run_bound(x, classes)
         feed = {"x": x.cpu().numpy()}
@@ -191,6 +201,17 @@ class OrtCAM:
             for name, value in zip(self.output_names, values, strict=True)
         }
         return self._with_classes(out, classes)
+
+    def _class_ids(self, classes: Targets, x: Tensor) -> Tensor:
+        """(B, K) long ``classes`` on ``x``'s device; ``ValueError`` unless they are class ids."""
+        if isinstance(classes, TopK | BottomK | Target) or callable(classes):
+            raise ValueError(
+                "this file explains given classes: pass class ids (an int, (B,) or (B, K) "
+                f"integers), not {type(classes).__name__}"
+            )
+        shape = (x.shape[0], self.cam_metadata.num_classes)
+        # only the shape and device of the logits are read for class ids
+        return resolve_classes(classes, x.new_empty(()).expand(shape))
 
     def _with_classes(self, out: dict[str, Tensor], classes: Tensor | None) -> dict[str, Tensor]:
         # files with a classes input do not output them again (an ONNX name is unique)
@@ -213,9 +234,9 @@ class OrtCAM:
 
     def _output_shapes(self, x: Tensor, k: int) -> dict[str, tuple[int, ...] | None]:
         batch, _, height, width = x.shape
-        maps = (batch, k, height, width) if self.metadata["upsample"] else None
+        maps = (batch, k, height, width) if self.cam_metadata.upsample else None
         return {
-            "logits": (batch, int(self.metadata["num_classes"])),
+            "logits": (batch, self.cam_metadata.num_classes),
             "classes": (batch, k),
             "heatmaps": maps,
             "overlay": (batch, k, 3, height, width),
@@ -228,14 +249,15 @@ class OrtCAM:
             x: (B, C, H, W) float images, CPU or CUDA.
             targets: ``None`` or ``TopK(j)`` with ``j <= topk`` for files without a classes
                 input (the first ``j`` maps); class ids (int, (B,), (B, K)) for files with one.
+
+        Raises:
+            ValueError: as :meth:`run`, or targets the file cannot explain.
         """
-        check_images(x)
         classes, keep = None, None
         if self.takes_classes:
-            if targets is None or isinstance(targets, TopK):
+            if targets is None:
                 raise ValueError("this file explains given classes: pass targets= class ids")
-            dummy = torch.empty(x.shape[0], int(self.metadata["num_classes"]), device=x.device)
-            classes = resolve_classes(targets, dummy)
+            classes = targets  # checked by run
         elif targets is not None:
             if not isinstance(targets, TopK) or targets.k > self.topk:
                 raise ValueError(

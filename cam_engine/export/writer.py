@@ -1,34 +1,33 @@
 """``to_onnx``: write a model whose outputs are its logits, the explained classes and their maps.
 
-The file is checked before it is returned: ``onnx.checker`` (full check), then ONNX Runtime on
-the CPU against the PyTorch engine at a batch size other than the exported one and, with
-``dynamic_size``, at a second input size. A file that fails is deleted and the error says why.
+The file is written next to its destination, checked, and only then moved into place
+(:mod:`.atomic`): ``onnx.checker`` (full check), then ONNX Runtime on the CPU against the PyTorch
+engine at a batch size other than the exported one and, with ``dynamic_size``, at a second input
+size. A file that fails is not written, and the error says why; a previous file stays as it was.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .. import __version__, postprocess
 from ..engine import CAMEngine
-from ..model import CAMModel, OutputSelector
+from ..model import CAMModel
+from .atomic import replacing, sidecar
 from .graphs import GapCAM, PoolMLPGradCAM, Postprocess, find_pool_mlp
+from .metadata import METADATA_KEY, SCHEMA_VERSION, CAMMetadata
+from .options import ExportOptions
 
-__all__ = ["to_onnx", "ExportResult", "IMAGENET_MEAN", "IMAGENET_STD", "optimize", "METADATA_KEY"]
+__all__ = ["to_onnx", "ExportResult", "optimize"]
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-METADATA_KEY = "cam_engine"
-_METHODS = ("cam", "gradcam")
-_EXPORTERS = ("auto", "torchscript", "dynamo")
 _TOLERANCE = {False: 1e-4, True: 1e-2}  # fp16 -> max abs error of maps and relative of logits
 
 
@@ -38,8 +37,9 @@ class ExportResult:
 
     Attributes:
         path: the ONNX file.
-        metadata: what is stored under the ``"cam_engine"`` key of the file's metadata (inputs,
-            outputs with their shapes, method, target layer, top-k, head kind, ...).
+        metadata: what is stored under the ``"cam_engine"`` key of the file's metadata, as a
+            dict (:meth:`CAMMetadata.to_dict`; the keys are documented in
+            :mod:`cam_engine.export.metadata`).
         errors: max error of each self-check against the PyTorch engine (empty when skipped).
         optimized_path: the graph-optimised copy, when asked for.
     """
@@ -54,26 +54,8 @@ def to_onnx(
     model: nn.Module,
     path: str | os.PathLike,
     target_layer: str | None = None,
-    method: str = "cam",
-    topk: int = 1,
-    input_size: tuple[int, int] = (224, 224),
-    dynamic_batch: bool = True,
-    dynamic_size: bool = False,
-    upsample: bool = True,
-    normalize: bool = True,
-    colormap: str | None = None,
-    opset: int | None = None,
-    fp16: bool = False,
-    *,
-    classes_input: bool = False,
-    alpha: float = 0.5,
-    mean: tuple[float, float, float] = IMAGENET_MEAN,
-    std: tuple[float, float, float] = IMAGENET_STD,
-    output: OutputSelector = None,
-    batch_size: int = 1,
-    exporter: str = "auto",
-    check: bool = True,
-    optimized_path: str | os.PathLike | None = None,
+    options: ExportOptions | None = None,
+    **settings: Any,
 ) -> ExportResult:
     """Export ``model`` with its class-activation maps computed inside the graph.
 
@@ -96,108 +78,92 @@ def to_onnx(
     map) for ``"gradcam"``, with the MLP's backward written into the graph. Anything else raises
     ``ValueError`` naming the op that is not supported.
 
+    The file (and ``optimized_path``) is written in a hidden folder beside it, checked there, and
+    moved into place only when everything succeeded: on any error the previous file is untouched.
+
     Args:
         model: a classifier in eval mode, or a :class:`cam_engine.CAMModel`.
-        path: the ``.onnx`` file to write (one file; external data only past 2 GB).
+        path: the ``.onnx`` file to write (one file; external data ``<name>.data`` only past
+            2 GB).
         target_layer: as for :class:`cam_engine.CAMEngine`; ``None`` picks the default.
-        method: ``"cam"`` or ``"gradcam"``.
-        topk: classes explained per image (a constant of the graph).
-        input_size: (H, W) of the example input; the fixed size unless ``dynamic_size``.
-        dynamic_batch: any batch size (else ``batch_size``).
-        dynamic_size: any input size; checked at a second size before returning.
-        upsample, normalize: see above.
-        colormap: output overlays in this colour map (``postprocess.available_colormaps()``).
-        opset: ONNX opset (default 17 with the TorchScript exporter, 18 with dynamo).
-        fp16: trunk and head in float16 (for GPU runtimes); top-k, maps and min-max stay float32;
-            inputs and outputs keep their types.
-        classes_input: add a ``classes`` (B, K) input: explain those classes instead of top-k.
-        alpha: overlay colour weight.
-        mean, std: the normalisation the model's inputs had, to recover the picture for overlays.
-        output: where the logits are in the model's output (global-average-pool heads only).
-        batch_size: the batch size when ``dynamic_batch`` is off.
-        exporter: ``"torchscript"`` (``torch.onnx.export(dynamo=False)``), ``"dynamo"``, or
-            ``"auto"``: TorchScript while torch has it (several times faster to export here),
-            else dynamo.
-        check: run the self-check (on by default; it costs a few engine and ORT calls).
-        optimized_path: also save an ORT graph-optimised copy there (portable: extended level).
+        options: the export settings (:class:`ExportOptions`); ``None``: the defaults.
+        **settings: :class:`ExportOptions` fields by name (``method=``, ``topk=``,
+            ``input_size=``, ...), replacing those of ``options``.
 
     Returns:
         :class:`ExportResult`. The same metadata is in the file under the ``"cam_engine"`` key.
 
     Raises:
-        ValueError: unsupported head or method, bad arguments, or a self-check above tolerance
-            (1e-4, 1e-2 for fp16), in which case the file is deleted.
+        TypeError: ``options`` is not an :class:`ExportOptions`, or a setting is unknown.
+        ValueError: unsupported head or method, bad settings, or a self-check above tolerance
+            (1e-4, 1e-2 for fp16), in which case nothing is written.
     """
-    _check_arguments(method, topk, input_size, exporter, batch_size, colormap)
-    cam_model = _cam_model(model, target_layer, output, input_size)
-    post = Postprocess(upsample, normalize, colormap, alpha, mean, std)
-    exported = _converted_copy(cam_model, torch.float16) if fp16 else cam_model
-    graph, head = _graph(exported, method, topk, post)
+    opts = ExportOptions.merged(options, settings)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    channels = _input_channels(cam_model)
-    batch = 2 if dynamic_batch else batch_size  # 2: neither the 1 nor the 3 exporters specialise
-    example = _images(batch, channels, input_size, cam_model)
-    num_classes = _num_classes(cam_model, example)
-    if topk > num_classes:
-        raise ValueError(f"topk={topk} is larger than the number of classes ({num_classes})")
-    names = _export(
-        graph,
-        example,
-        path,
-        topk,
-        classes_input,
-        dynamic_batch,
-        dynamic_size,
-        opset,
-        exporter,
-        upsample,
+    outputs = [path]
+    if opts.optimized_path is not None:
+        if opts.optimized_path.resolve() == path.resolve():
+            raise ValueError(f"optimized_path must differ from the exported file {path}")
+        outputs.append(opts.optimized_path)
+    cam_model = _cam_model(model, target_layer, opts.output, opts.input_size)
+    post = Postprocess(
+        opts.upsample, opts.normalize, opts.colormap, opts.alpha, opts.mean, opts.std
     )
-    metadata = {
-        "version": __version__,
-        "method": method,
-        "target_layer": cam_model.target_layer,
-        "head": head,
-        "topk": topk,
-        "num_classes": num_classes,
-        "input_size": list(input_size),
-        "dynamic_batch": dynamic_batch,
-        "dynamic_size": dynamic_size,
-        "upsample": upsample,
-        "normalize": normalize,
-        "colormap": colormap,
-        "alpha": alpha,
-        "mean": list(mean),
-        "std": list(std),
-        "fp16": fp16,
-        **names,
-    }
-    _finish(path, metadata)
-    result = ExportResult(path, metadata)
-    if check:
-        try:
-            result.errors = _self_check(path, cam_model, metadata, channels)
-        except Exception:
-            path.unlink(missing_ok=True)
-            raise
-    if optimized_path is not None:
-        result.optimized_path = optimize(path, optimized_path)
+    exported = _converted_copy(cam_model, torch.float16) if opts.fp16 else cam_model
+    features = _feature_like(cam_model, opts.input_size)
+    graph, head = _graph(exported, opts.method, opts.topk, post, features)
+    channels = _input_channels(cam_model)
+    batch = 2 if opts.dynamic_batch else opts.batch_size  # 2: no exporter specialises it
+    example = _images(batch, channels, opts.input_size, cam_model)
+    num_classes = _num_classes(cam_model, example)
+    if opts.topk > num_classes:
+        raise ValueError(f"topk={opts.topk} is larger than the number of classes ({num_classes})")
+    for folder in {p.parent for p in outputs}:
+        folder.mkdir(parents=True, exist_ok=True)
+    with replacing(*outputs) as staged:
+        names = _export(graph, example, staged[0], opts)
+        metadata = CAMMetadata(
+            schema_version=SCHEMA_VERSION,
+            version=__version__,
+            method=opts.method,
+            target_layer=cam_model.target_layer,
+            head=head,
+            exporter=names["exporter"],
+            topk=opts.topk,
+            num_classes=num_classes,
+            input_size=opts.input_size,
+            min_input_size=_min_input_size(opts.input_size, features),
+            dynamic_batch=opts.dynamic_batch,
+            dynamic_size=opts.dynamic_size,
+            upsample=opts.upsample,
+            normalize=opts.normalize,
+            colormap=opts.colormap,
+            alpha=opts.alpha,
+            mean=opts.mean,
+            std=opts.std,
+            fp16=opts.fp16,
+            inputs=names["inputs"],
+            outputs=names["outputs"],
+        )
+        _finish(staged[0], metadata)
+        result = ExportResult(path, metadata.to_dict())
+        if opts.check:
+            try:
+                result.errors = _self_check(staged[0], cam_model, channels)
+            except ValueError as exc:
+                raise ValueError(f"{exc}; {path} was not written") from exc
+        if opts.optimized_path is not None:
+            _optimize(staged[0], staged[1], "extended")
+            result.optimized_path = opts.optimized_path
     return result
 
 
-def _check_arguments(method, topk, input_size, exporter, batch_size, colormap) -> None:
-    if method not in _METHODS:
-        raise ValueError(f"export supports methods {', '.join(_METHODS)}; got {method!r}")
-    if not isinstance(topk, int) or isinstance(topk, bool) or topk < 1:
-        raise ValueError(f"topk must be a positive int, got {topk!r}")
-    if len(tuple(input_size)) != 2 or min(input_size) < 1:
-        raise ValueError(f"input_size must be (H, W), got {input_size!r}")
-    if exporter not in _EXPORTERS:
-        raise ValueError(f"unknown exporter {exporter!r}; available: {', '.join(_EXPORTERS)}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be positive, got {batch_size}")
-    if colormap is not None:
-        postprocess.colormap_lut(colormap)  # unknown names list the available ones
+def _min_input_size(input_size: tuple[int, int], features: Tensor) -> tuple[int, int]:
+    """Input pixels per target-map cell at the export size, ``input // map`` per axis (at least
+    1): the map's stride, measured. A smaller input has less than one cell of picture for the
+    map; rounding down never refuses a size the map's stride allows."""
+    pairs = zip(input_size, features.shape[-2:], strict=True)
+    return tuple(max(1, size // cells) for size, cells in pairs)
 
 
 def _cam_model(model, target_layer, output, input_size) -> CAMModel:
@@ -236,11 +202,12 @@ def _converted_copy(cam_model: CAMModel, *to_args) -> CAMModel:
     )
 
 
-def _graph(cam_model: CAMModel, method: str, topk: int, post: Postprocess):
-    """The exportable module and the name of the head's kind."""
+def _graph(cam_model: CAMModel, method: str, topk: int, post: Postprocess, features: Tensor):
+    """The exportable module and the name of the head's kind (``features``: a target map at
+    the export size)."""
     built = cam_model.current()
     gap = built.gap
-    if gap is not None and gap.applies(_feature_like(cam_model)):
+    if gap is not None and gap.applies(features):
         return GapCAM(cam_model, method, topk, post).eval(), "gap-linear"
     if method == "cam":
         raise ValueError(
@@ -260,8 +227,9 @@ def _graph(cam_model: CAMModel, method: str, topk: int, post: Postprocess):
     return PoolMLPGradCAM(cam_model, head, topk, post).eval(), "pool-mlp"
 
 
-def _feature_like(cam_model: CAMModel) -> Tensor:
-    x = _images(1, _input_channels(cam_model), cam_model.input_size, cam_model)
+def _feature_like(cam_model: CAMModel, size: tuple[int, int]) -> Tensor:
+    """The target map (1, C, h, w) of a random image of ``size``."""
+    x = _images(1, _input_channels(cam_model), size, cam_model)
     with torch.no_grad():
         return cam_model(_in_model_dtype(cam_model, x))[1]
 
@@ -288,43 +256,33 @@ def _images(batch: int, channels: int, size, cam_model: CAMModel, seed: int = 0)
     return x.to(param.device)
 
 
-def _export(
-    graph,
-    example,
-    path,
-    topk,
-    classes_input,
-    dynamic_batch,
-    dynamic_size,
-    opset,
-    exporter,
-    upsample,
-) -> dict:
-    """Run the exporter; returns the input and output names with their shapes."""
-    batch = "batch" if dynamic_batch else example.shape[0]
-    height, width = ("height", "width") if dynamic_size else tuple(example.shape[2:])
-    k = "k" if classes_input else topk
-    maps = [height, width] if upsample else ["map_height", "map_width"]
-    inputs = {"x": [batch, example.shape[1], height, width]}
+def _export(graph, example: Tensor, path: Path, opts: ExportOptions) -> dict:
+    """Run the exporter; returns the input and output names with their shapes (tuples)."""
+    batch = "batch" if opts.dynamic_batch else example.shape[0]
+    height, width = ("height", "width") if opts.dynamic_size else tuple(example.shape[2:])
+    k = "k" if opts.classes_input else opts.topk
+    maps = (height, width) if opts.upsample else ("map_height", "map_width")
+    inputs = {"x": (batch, example.shape[1], height, width)}
     args = (example,)
-    if classes_input:
-        inputs["classes"] = [batch, k]
+    if opts.classes_input:
+        inputs["classes"] = (batch, k)
         args = (
             example,
-            torch.zeros(example.shape[0], topk, dtype=torch.long, device=example.device),
+            torch.zeros(example.shape[0], opts.topk, dtype=torch.long, device=example.device),
         )
     name = "overlay" if graph.post.lut is not None else "heatmaps"
-    outputs = {"logits": [batch, "num_classes"], "classes": [batch, k]}
-    if classes_input:
+    outputs = {"logits": (batch, "num_classes"), "classes": (batch, k)}
+    if opts.classes_input:
         del outputs["classes"]  # the caller's own input; ONNX names must differ
-    outputs[name] = [batch, k, 3, *maps] if name == "overlay" else [batch, k, *maps]
+    outputs[name] = (batch, k, 3, *maps) if name == "overlay" else (batch, k, *maps)
+    exporter = opts.exporter
     use_dynamo = exporter == "dynamo" or (exporter == "auto" and not _has_torchscript())
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation, tracer notes
         if use_dynamo:
-            _export_dynamo(graph, args, path, inputs, outputs, opset)
+            _export_dynamo(graph, args, path, inputs, outputs, opts.opset)
         else:
-            _export_torchscript(graph, args, path, inputs, outputs, opset)
+            _export_torchscript(graph, args, path, inputs, outputs, opts.opset)
     return {
         "inputs": inputs,
         "outputs": outputs,
@@ -377,21 +335,19 @@ def _export_dynamo(graph, args, path, inputs, outputs, opset) -> None:
     )
 
 
-def _finish(path: Path, metadata: dict) -> None:
+def _finish(path: Path, metadata: CAMMetadata) -> None:
     """Metadata in, one file out (external data only past protobuf's 2 GB), full checker."""
     import onnx
 
     proto = onnx.load(str(path))
     entry = proto.metadata_props.add()
-    entry.key, entry.value = METADATA_KEY, json.dumps(metadata)
+    entry.key, entry.value = METADATA_KEY, metadata.to_json()
     proto.doc_string = (
-        f"cam-engine {metadata['method']} at {metadata['target_layer']!r}: outputs "
-        + ", ".join(f"{n} {tuple(s)}" for n, s in metadata["outputs"].items())
+        f"cam-engine {metadata.method} at {metadata.target_layer!r}: outputs "
+        + ", ".join(f"{n} {s}" for n, s in metadata.outputs.items())
     )
     large = proto.ByteSize() > 2**31 - 2**20
-    for stale in path.parent.glob(path.name + ".data"):
-        stale.unlink()
-    onnx.save(proto, str(path), save_as_external_data=large, location=path.name + ".data")
+    onnx.save(proto, str(path), save_as_external_data=large, location=sidecar(path).name)
     onnx.checker.check_model(str(path), full_check=True)
 
 
@@ -399,8 +355,17 @@ def optimize(path: str | os.PathLike, out: str | os.PathLike, level: str = "exte
     """Save ONNX Runtime's graph-optimised version of ``path`` to ``out``.
 
     ``"extended"`` keeps the file portable across execution providers; ``"all"`` adds
-    CPU-specific layouts (NCHWc) that only the CPU provider runs.
+    CPU-specific layouts (NCHWc) that only the CPU provider runs. ``out`` is written beside
+    itself and moved into place when complete: on an error a previous ``out`` stays as it was.
     """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with replacing(out) as (staged,):
+        _optimize(Path(path), staged, level)
+    return out
+
+
+def _optimize(path: Path, out: Path, level: str) -> None:
     import onnxruntime as ort
 
     levels = {
@@ -414,45 +379,51 @@ def optimize(path: str | os.PathLike, out: str | os.PathLike, level: str = "exte
     options.graph_optimization_level = levels[level]
     options.optimized_model_filepath = str(out)
     ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return Path(out)
 
 
 # Self-check -------------------------------------------------------------------------------------
 
 
-def _check_sizes(metadata: dict) -> list[tuple[int, tuple[int, int]]]:
-    """(batch, (H, W)) to run: another batch size, and another non-square size if dynamic."""
-    batch = 3 if metadata["dynamic_batch"] else metadata["inputs"]["x"][0]
-    height, width = metadata["input_size"]
+def _check_sizes(metadata: CAMMetadata) -> list[tuple[int, tuple[int, int]]]:
+    """(batch, (H, W)) to run: another batch size, and another non-square size if dynamic
+    (not below the file's minimum size)."""
+    batch = 3 if metadata.dynamic_batch else metadata.inputs["x"][0]
+    height, width = metadata.input_size
     cases = [(batch, (height, width))]
-    if metadata["dynamic_size"]:
-        cases.append((batch, (height + height // 4 + 8, width - width // 4 + 8)))
+    if metadata.dynamic_size:
+        low_h, low_w = metadata.min_input_size
+        other = (max(low_h, height + height // 4 + 8), max(low_w, width - width // 4 + 8))
+        cases.append((batch, other))
     return cases
 
 
-def _self_check(path: Path, cam_model: CAMModel, metadata: dict, channels: int) -> dict:
-    """Max errors of the file on ORT CPU vs the engine; ``ValueError`` above tolerance."""
+def _self_check(path: Path, cam_model: CAMModel, channels: int) -> dict[str, float]:
+    """Max errors of the file on ORT CPU vs the engine; ``ValueError`` above tolerance.
+
+    The file's metadata is read back as every reader reads it (:meth:`CAMMetadata.from_session`).
+    """
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    metadata = CAMMetadata.from_session(session, "the exported file")
     # The reference runs in float64: a float32 one has rounding errors of its own as large as
     # the file's on deep random-init networks (resnet50: 1.1e-4 vs 6.8e-5 on the maps).
     reference = _converted_copy(cam_model, "cpu", torch.float64)
-    engine = CAMEngine(reference, method=metadata["method"])
-    tol = _TOLERANCE[metadata["fp16"]]
+    engine = CAMEngine(reference, method=metadata.method)
+    tol = _TOLERANCE[metadata.fp16]
     errors: dict[str, float] = {}
     for seed, (batch, size) in enumerate(_check_sizes(metadata), start=1):
         x = _images(batch, channels, size, reference, seed=seed)
         feed = {"x": x.cpu().numpy()}
-        if "classes" in metadata["inputs"]:
+        if "classes" in metadata.inputs:
             generator = torch.Generator().manual_seed(seed)
             classes = torch.randint(
-                metadata["num_classes"], (batch, metadata["topk"]), generator=generator
+                metadata.num_classes, (batch, metadata.topk), generator=generator
             )
             feed["classes"] = classes.numpy()
         where = f"batch {batch}, size {size[0]}x{size[1]}"
         try:
-            got = dict(zip(metadata["outputs"], session.run(None, feed), strict=True))
+            got = dict(zip(metadata.outputs, session.run(None, feed), strict=True))
             got = {name: torch.from_numpy(value) for name, value in got.items()}
             if "classes" in feed:
                 got["classes"] = classes
@@ -460,7 +431,7 @@ def _self_check(path: Path, cam_model: CAMModel, metadata: dict, channels: int) 
         except Exception as exc:  # a shape the model or the file cannot take
             raise ValueError(
                 f"the exported model could not be checked at {where}: {type(exc).__name__}: "
-                f"{exc}; {path} was deleted"
+                f"{exc}"
             ) from exc
         for name, error in measured.items():
             errors[f"{name} ({where})"] = error
@@ -470,13 +441,14 @@ def _self_check(path: Path, cam_model: CAMModel, metadata: dict, channels: int) 
                     f"the exported model differs from the PyTorch engine at {where}: {name} "
                     f"error {error:.3g} > {limit:g}"
                     + (" (a dynamic axis that the exporter baked in?)" if seed > 1 else "")
-                    + (" (float16 rounding; check=False accepts it)" if metadata["fp16"] else "")
-                    + f"; {path} was deleted"
+                    + (" (float16 rounding; check=False accepts it)" if metadata.fp16 else "")
                 )
     return errors
 
 
-def compare(got: dict[str, Tensor], engine: CAMEngine, x: Tensor, metadata: dict) -> dict:
+def compare(
+    got: dict[str, Tensor], engine: CAMEngine, x: Tensor, metadata: CAMMetadata
+) -> dict[str, float]:
     """Errors of an exported model's outputs ``got`` (CPU tensors) against ``engine`` on ``x``.
 
     Returns relative logits error, the top-k score gap of the file's classes (relative), the
@@ -488,24 +460,22 @@ def compare(got: dict[str, Tensor], engine: CAMEngine, x: Tensor, metadata: dict
     logits = ref.logits.double().cpu()
     scale = logits.abs().max().clamp_min(1.0)
     errors = {"logits": float((got["logits"] - logits).abs().max() / scale)}
-    if "classes" not in metadata["inputs"]:
-        best = logits.topk(metadata["topk"], dim=1).values
+    if "classes" not in metadata.inputs:
+        best = logits.topk(metadata.topk, dim=1).values
         errors["classes"] = float((logits.gather(1, classes) - best).abs().max() / scale)
     size = tuple(x.shape[2:])
     if "overlay" in got:
-        mean = torch.tensor(metadata["mean"], device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(metadata["std"], device=x.device).view(1, 3, 1, 1)
+        mean = torch.tensor(metadata.mean, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(metadata.std, device=x.device).view(1, 3, 1, 1)
         want = postprocess.overlay(
-            x.float() * std + mean, ref.heatmaps.float(), metadata["colormap"], metadata["alpha"]
+            x.float() * std + mean, ref.heatmaps.float(), metadata.colormap, metadata.alpha
         ).cpu()
         errors["overlay"] = _overlay_steps(got["overlay"], want, metadata)
         return errors
     raw = ref.cams.double()
-    if metadata["upsample"]:
+    if metadata.upsample:
         raw = postprocess.upsample(raw, size)
-    errors["heatmaps"] = float(
-        map_error(got["heatmaps"].double(), raw.cpu(), metadata["normalize"])
-    )
+    errors["heatmaps"] = float(map_error(got["heatmaps"].double(), raw.cpu(), metadata.normalize))
     return errors
 
 
@@ -524,10 +494,10 @@ def map_error(got: Tensor, raw: Tensor, normalized: bool) -> Tensor:
     return ((got - postprocess.normalize(raw)) * span / top).abs().max()
 
 
-def _overlay_steps(got: Tensor, want: Tensor, metadata: dict) -> float:
+def _overlay_steps(got: Tensor, want: Tensor, metadata: CAMMetadata) -> float:
     """Overlay difference in colour-table steps: a map value within 5e-7 of a rounding
     boundary may pick the neighbouring entry, so one step (plus the blend's rounding) is fine."""
-    lut = postprocess.colormap_lut(metadata["colormap"]).float()
-    step = (lut[1:] - lut[:-1]).abs().max() * metadata["alpha"]
+    lut = postprocess.colormap_lut(metadata.colormap).float()
+    step = (lut[1:] - lut[:-1]).abs().max() * metadata.alpha
     diff = (got.float() - want.float()).abs().max()
     return float((diff - 1).clamp_min(0) / step.clamp_min(1))
