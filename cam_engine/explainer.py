@@ -118,8 +118,8 @@ class _SplitAccess:
     def head(self, maps: Tensor, rows: Tensor) -> Tensor:
         # the trunk values the head needs besides the map (a residual or class token crossing
         # the cut) come from one more trunk pass, made only when the split has such values
-        built = self._cam_model.current(self._x)
-        if built.split is None:
+        runner = self._cam_model.current(self._x)
+        if runner.split is None:
             raise ValueError(
                 "this method reruns the head on modified maps, which needs a traced split "
                 "(torch.fx / torch.export); the model was split with a forward hook"
@@ -127,12 +127,12 @@ class _SplitAccess:
         x = self._x
         with torch.no_grad():
             if self._extras is None:
-                self._extras = list(built.run_trunk(x)[1:]) if built.split.extras else []
+                self._extras = list(runner.trunk(x)[1:]) if runner.split.extras else []
             picked = [
                 e[rows] if isinstance(e, Tensor) and e.ndim and e.shape[0] == x.shape[0] else e
                 for e in self._extras
             ]
-            return self.select(built.split.head(maps, *picked))
+            return self.select(runner.head(maps, *picked))
 
     def record(self, inputs: Tensor, *, closed_form: bool) -> ForwardRecord:
         return forward_record(self._cam_model, inputs, closed_form=closed_form, class_ids=True)

@@ -18,11 +18,12 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.profiler import record_function
 
+from .cache import state_key
 from .graph import Graph, HookCapture, Split, find_module_output, first_line, split, trace
 from .heads import GapLinear, find_gap_linear
 from .layers import default_target
 
-__all__ = ["CAMModel", "wrap", "select_output"]
+__all__ = ["CAMModel", "SplitRunner", "wrap", "select_output"]
 
 OutputSelector = int | str | Callable[[Any], Tensor] | None
 #: ``CAMModel(compile=...)``: ``False``, ``True`` (torch.compile defaults) or its keyword options
@@ -77,14 +78,6 @@ def _first_conv_channels(model: nn.Module) -> int:
     return conv.in_channels if conv is not None else 3
 
 
-def _state_key(model: nn.Module) -> tuple:
-    tensor = next(model.parameters(), None)
-    if tensor is None:
-        tensor = next(model.buffers(), None)
-    where = (tensor.device, tensor.dtype) if tensor is not None else None
-    return model.training, where
-
-
 def _has_inplace(head: fx.GraphModule) -> bool:
     for node in head.graph.nodes:
         if node.kwargs.get("inplace") is True:
@@ -97,7 +90,23 @@ def _has_inplace(head: fx.GraphModule) -> bool:
 
 
 @dataclass
-class _Built:
+class SplitRunner:
+    """One built split of a model (for one mode, device and dtype; one input shape for
+    ``torch.export``) and the only code that runs it.
+
+    Attributes:
+        kind: ``"fx"``, ``"export"`` or ``"hook"``.
+        target_layer: the resolved target name.
+        split: the trunk and head graph modules (``None`` for the hook capture).
+        hook: the forward-hook capture (``None`` for traced splits).
+        gap: the head's closed form when it is global-average-pool -> linear, else ``None``.
+        head_inplace: the head changes its input in place (it gets a copy of the map).
+        notes: why earlier split strategies were not used.
+        input_shape: (C, H, W) an export graph is exact at (``None`` for the others).
+        inference_trunk: the trunk run without autograd (compiled), ``None``: ``split.trunk``.
+        channels_last: without autograd, the trunk gets channels-last copies of 4-D images.
+    """
+
     kind: str
     target_layer: str
     split: Split | None = None
@@ -105,26 +114,38 @@ class _Built:
     gap: GapLinear | None = None
     head_inplace: bool = False
     notes: list[str] = field(default_factory=list)
-    input_shape: tuple[int, ...] | None = None  # export graphs are exact at one (C, H, W)
-    inference_trunk: Callable[[Tensor], tuple] | None = None  # the trunk run without autograd
-    channels_last: bool = False  # without autograd, feed the trunk channels-last images
+    input_shape: tuple[int, ...] | None = None
+    inference_trunk: Callable[[Tensor], tuple] | None = None
+    channels_last: bool = False
 
-    def run_trunk(self, x: Tensor) -> tuple:
-        """``(features, *extras)`` of the split's trunk.
+    def trunk(self, x: Tensor) -> tuple:
+        """``(features, *extras)`` of the split's trunk (profiled as its stage).
 
         When grad is disabled, the trunk is the compiled one (if any) and, with
         :attr:`channels_last`, runs on a channels-last copy of 4-D images; its 4-D outputs are
         then made contiguous again, so callers see the layout they would without it.
         """
-        if torch.is_grad_enabled():
-            return self.split.trunk(x)
-        trunk = self.split.trunk if self.inference_trunk is None else self.inference_trunk
-        if not (self.channels_last and x.ndim == 4):
-            return trunk(x)
-        outputs = trunk(x.contiguous(memory_format=torch.channels_last))
-        return tuple(
-            t.contiguous() if isinstance(t, Tensor) and t.ndim == 4 else t for t in outputs
-        )
+        with record_function("trunk forward (no grad)"):
+            if torch.is_grad_enabled():
+                return self.split.trunk(x)
+            trunk = self.split.trunk if self.inference_trunk is None else self.inference_trunk
+            if not (self.channels_last and x.ndim == 4):
+                return trunk(x)
+            outputs = trunk(x.contiguous(memory_format=torch.channels_last))
+            return tuple(
+                t.contiguous() if isinstance(t, Tensor) and t.ndim == 4 else t for t in outputs
+            )
+
+    def head(self, features: Tensor, *extras: Any) -> Any:
+        """The model's raw output from the target map (B, *F) and the trunk's extras (profiled
+        as its stage); a head that works in place gets a copy of the map."""
+        with record_function("head forward"):
+            return self.split.head(features.clone() if self.head_inplace else features, *extras)
+
+    def capture(self, x: Tensor, grad_head: bool) -> tuple[Tensor, Any]:
+        """``(features, raw output)`` of the hook capture (profiled as its stage)."""
+        with record_function("forward (hook capture)"):
+            return self.hook.run(x, grad_head=grad_head)
 
 
 class CAMModel(nn.Module):
@@ -189,7 +210,7 @@ class CAMModel(nn.Module):
         #: ``None``: channels-last trunk input on the CPU only; ``True``: everywhere; ``False``
         self.channels_last = channels_last
         self._requested = target_layer
-        self._built: OrderedDict[tuple, _Built] = OrderedDict()  # least recently used first
+        self._built: OrderedDict[tuple, SplitRunner] = OrderedDict()  # least recently used first
         self._lock = threading.RLock()
         built = self.current()
         self._requested = built.target_layer if built.kind != "hook" else target_layer
@@ -214,19 +235,20 @@ class CAMModel(nn.Module):
         """The head's closed form when it is global-average-pool -> linear."""
         return self.current().gap
 
-    def current(self, x: Tensor | None = None) -> _Built:
-        """The split for the model's current mode, device and dtype (built on first use).
+    def current(self, x: Tensor | None = None) -> SplitRunner:
+        """The :class:`SplitRunner` for the model's current mode, device and dtype (built on
+        first use): what runs the split, for code that needs more than :meth:`forward`.
 
         ``torch.export`` graphs bake shape-dependent control flow in, so with ``x`` given they
         are re-exported per input shape (the batch size stays dynamic).
         """
-        key = _state_key(self.model)
+        key = state_key(self.model)
         built = self._cached(key)
         if built.kind == "export" and x is not None and tuple(x.shape[1:]) != built.input_shape:
             built = self._cached((*key, tuple(x.shape[1:])), tuple(x.shape[1:]))
         return built
 
-    def _cached(self, key: tuple, shape: tuple[int, ...] | None = None) -> _Built:
+    def _cached(self, key: tuple, shape: tuple[int, ...] | None = None) -> SplitRunner:
         """The split under ``key``, built for an example of ``shape`` (C, H, W) when missing.
 
         A build holds the lock, so a thread wanting the same split waits for it instead of
@@ -255,14 +277,14 @@ class CAMModel(nn.Module):
         shape = shape or (_first_conv_channels(self.model), *self.input_size)
         return torch.zeros(2, *shape, **kwargs)
 
-    def _build(self, example: Tensor) -> _Built:
+    def _build(self, example: Tensor) -> SplitRunner:
         graph, notes = trace(self.model, example)
         if graph is not None:
             node = self._target_node(graph, example)
             parts = split(graph, node)
             options = self.compile_options
             channels_last, refusal = self._trunk_channels_last(parts.trunk, example)
-            return _Built(
+            return SplitRunner(
                 kind=graph.kind,
                 target_layer=graph.name_of(node),
                 split=parts,
@@ -286,7 +308,8 @@ class CAMModel(nn.Module):
         )
         if self.compile_options is not None:
             notes = [*notes, "compile= is ignored: the hook capture runs eagerly"]
-        return _Built("hook", self._requested, hook=HookCapture(self.model, module), notes=notes)
+        capture = HookCapture(self.model, module)
+        return SplitRunner("hook", self._requested, hook=capture, notes=notes)
 
     def _trunk_channels_last(self, trunk: fx.GraphModule, example: Tensor) -> tuple[bool, list]:
         """Whether ``trunk`` gets channels-last images, and a note when it cannot take them."""
@@ -318,17 +341,12 @@ class CAMModel(nn.Module):
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Returns ``(logits (B, N), features)``; features as the target layer outputs them."""
-        built = self.current(x)
-        if built.hook is not None:
-            with record_function("forward (hook capture)"):
-                features, output = built.hook.run(x, grad_head=False)
+        runner = self.current(x)
+        if runner.hook is not None:
+            features, output = runner.capture(x, grad_head=False)
             return select_output(output, self.output), features
-        with record_function("trunk forward (no grad)"):
-            features, *extras = built.run_trunk(x)
-        head_input = features.clone() if built.head_inplace else features
-        with record_function("head forward"):
-            output = built.split.head(head_input, *extras)
-        return select_output(output, self.output), features
+        features, *extras = runner.trunk(x)
+        return select_output(runner.head(features, *extras), self.output), features
 
     def explain_forward(
         self, x: Tensor, closed_form: bool = True
@@ -342,20 +360,18 @@ class CAMModel(nn.Module):
             leaf that requires grad and ``logits`` depend on it through the head only, so
             ``torch.autograd.grad(scores, features)`` stops there.
         """
-        built = self.current(x)
-        if built.hook is not None:
-            with record_function("forward (hook capture)"):
-                features, output = built.hook.run(x, grad_head=True)
+        runner = self.current(x)
+        if runner.hook is not None:
+            features, output = runner.capture(x, grad_head=True)
             return features, select_output(output, self.output), None
-        with torch.no_grad(), record_function("trunk forward (no grad)"):
-            features, *extras = built.run_trunk(x)
-        gap = built.gap if built.gap is not None and built.gap.applies(features) else None
+        with torch.no_grad():
+            features, *extras = runner.trunk(x)
+        gap = runner.gap if runner.gap is not None and runner.gap.applies(features) else None
         needs_grad = gap is None or not closed_form
         if needs_grad:
             features = features.detach().requires_grad_(True)
-        head_input = features.clone() if built.head_inplace else features
-        with torch.set_grad_enabled(needs_grad), record_function("head forward"):
-            output = built.split.head(head_input, *extras)
+        with torch.set_grad_enabled(needs_grad):
+            output = runner.head(features, *extras)
         return features, select_output(output, self.output), gap
 
 
