@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from . import compose, methods
 from .explainer import CAMResult, LayerExplainer, LayerMaps, check_images, finish
-from .layers import Reshape, check_reshape
+from .layout import Reshape, check_reshape
 from .methods import MethodOptions
 from .model import CAMModel, CompileOptions, OutputSelector
 from .targets import Resolved, Targets, resolve

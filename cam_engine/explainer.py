@@ -19,7 +19,7 @@ from torch.profiler import record_function
 
 from . import postprocess
 from .gradients import ForwardRecord, explained_gradients, forward_record
-from .layers import Reshape, gradients_to_nchw, to_nchw
+from .layout import Reshape, gradients_to_nchw, to_nchw
 from .methods import Context, Method, MethodOptions, first_component
 from .model import CAMModel, select_output
 from .targets import Resolved, Targets, is_class_ids, resolve
@@ -148,7 +148,7 @@ class LayerExplainer:
         cam_model: the model split at the target layer.
         method: the registered method (not a composition).
         options: the method's parsed options.
-        reshape: layout of the target map (see :func:`cam_engine.layers.to_nchw`).
+        reshape: layout of the target map (see :func:`cam_engine.layout.to_nchw`).
         closed_form: use the closed-form gradient of global-average-pool -> linear heads.
         eigen_smooth: first principal component of the weighted activations instead of the sum.
         batch_size: extra inputs per forward of perturbation methods.

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torchvision
@@ -44,6 +46,26 @@ def images(batch: int = 2, size: int | tuple[int, int] = 64, dtype=torch.float64
     height, width = (size, size) if isinstance(size, int) else size
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(batch, 3, height, width, dtype=dtype, generator=generator)
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory) -> Path:
+    """A folder of the explain tests' images (good, grey, palette, corrupt, truncated, ...)."""
+    from test_explain import _write_images
+
+    root = tmp_path_factory.mktemp("images")
+    _write_images(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def labels_file(tmp_path_factory) -> Path:
+    """The explain tests' class names, one per line."""
+    from test_explain import LABELS
+
+    path = tmp_path_factory.mktemp("labels") / "labels.txt"
+    path.write_text("\n".join(LABELS) + "\n")
+    return path
 
 
 @pytest.fixture(scope="session")

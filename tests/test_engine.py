@@ -14,7 +14,7 @@ from torch import nn
 import cam_engine as ce
 from cam_engine.demo import model as demo
 from cam_engine.demo import shapes
-from cam_engine.layers import to_nchw
+from cam_engine.layout import to_nchw
 
 
 def manual_gradcam(features: torch.Tensor, head, classes: torch.Tensor) -> torch.Tensor:

@@ -87,18 +87,6 @@ def _write_images(root: Path) -> None:
     Image.new("RGB", (8, 8)).save(root / ".hidden" / "x.png")
 
 
-@pytest.fixture(scope="module")
-def image_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("images")
-    _write_images(root)
-    return root
-
-
-@pytest.fixture(scope="module")
-def labels_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("labels") / "labels.txt"
-    path.write_text("\n".join(LABELS) + "\n")
-    return path
 
 
 def _explain_args(images: Path, out: Path, labels: Path, *extra: str) -> list[str]:

@@ -30,12 +30,10 @@ from test_explain import (
     CORRUPT,
     IMAGES,
     INPUT,
-    LABELS,
     TRUNCATED,
     K,
     _explain_args,
     _read_csv,
-    _write_images,
     tiny_net,
 )
 from torch import nn
@@ -70,18 +68,6 @@ def slow_net() -> nn.Module:
     return net
 
 
-@pytest.fixture(scope="module")
-def image_dir(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("images")
-    _write_images(root)
-    return root
-
-
-@pytest.fixture(scope="module")
-def labels_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("labels") / "labels.txt"
-    path.write_text("\n".join(LABELS) + "\n")
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -351,7 +337,7 @@ def test_setup_errors_are_one_line_and_write_nothing(
         args[args.index("--device") : args.index("--device") + 2] = extra
     assert cli.main(args) == 2
     (error,) = _errors(capsys.readouterr().err)
-    assert {"cuda": "no CUDA", "out is a file": "not a folder", "unwritable out": "cannot"}[
+    assert {"cuda": "no cuda device", "out is a file": "not a folder", "unwritable out": "cannot"}[
         case
     ] in error
     if case == "out is a file":

@@ -106,7 +106,7 @@ def eigen_oracle(method, model, layer, x, classes, transform=None, **call) -> Te
     projection = pgc_raw(method, model, layer, x, classes, transform, **call)
     if method == "eigencam":
         with torch.no_grad():
-            channel_sum = ce.layers.to_nchw(ce.wrap(model, layer)(x)[1], None, x.shape[2:]).sum(1)
+            channel_sum = ce.layout.to_nchw(ce.wrap(model, layer)(x)[1], None, x.shape[2:]).sum(1)
     else:
         plain = {"eigengradcam": "hirescam"}.get(method, method)
         channel_sum = pgc_raw(plain, model, layer, x, classes, transform)

@@ -33,7 +33,7 @@ from ..targets import Resolved
 
 if TYPE_CHECKING:
     from ..heads import GapLinear
-    from ..layers import Reshape
+    from ..layout import Reshape
 
 __all__ = [
     "Method",
@@ -145,7 +145,7 @@ class Context:
         native: (B, *F) the target map in the layer's own layout (tokens, channels-last, ...).
         options: the method's typed options.
         batch_size: how many extra inputs a perturbation method runs through the model at once.
-        reshape: the engine's ``reshape`` (see :func:`cam_engine.layers.to_nchw`), for methods
+        reshape: the engine's ``reshape`` (see :func:`cam_engine.layout.to_nchw`), for methods
             that compute target maps or gradients of their own.
         split: the split model, to run it on other inputs.
         closed_form: the head's closed form when the engine uses it for this call, else ``None``.

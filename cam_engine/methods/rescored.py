@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from ..gradients import target_gradients
-from ..layers import gradients_to_nchw
+from ..layout import gradients_to_nchw
 from ._registry import (
     Context,
     Method,

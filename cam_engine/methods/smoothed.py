@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .. import postprocess
 from ..gradients import explained_gradients
-from ..layers import gradients_to_nchw, to_nchw
+from ..layout import gradients_to_nchw, to_nchw
 from ._registry import (
     Context,
     MethodOptions,

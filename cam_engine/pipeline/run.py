@@ -65,10 +65,9 @@ def run_job(
         folder.start(config.settings(), config.overwrite)
         finished = folder.finished()
         pending = [i for i, key in enumerate(keys) if output_name(key) not in finished]
-        print(
-            f"{len(keys) - len(pending)} of {len(keys)} images already done in {config.out}",
-            file=sys.stderr,
-        )
+        if len(pending) < len(keys):  # a resumed run says what it skips
+            done = len(keys) - len(pending)
+            print(f"{done} of {len(keys)} images already done in {config.out}", file=sys.stderr)
         start = time.perf_counter()
         if pending:
             execute([paths[i] for i in pending], [keys[i] for i in pending])
