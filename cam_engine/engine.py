@@ -114,7 +114,8 @@ class CAMEngine:
                 CAMModel(model, layer, output=output, input_size=input_size, **settings)
                 for layer in layers
             ]
-        self.model = self.models[0]
+        #: the model split at the (first) target layer; ``cam_model.model`` is the user's model
+        self.cam_model = self.models[0]
         self.reshape = reshape
         self.closed_form = closed_form
         self.check_finite = check_finite
@@ -131,12 +132,17 @@ class CAMEngine:
             ]
             if self.method.needs_gap_head and any(m.gap_linear is None for m in self.models):
                 raise ValueError(self.explainers[0].no_gap_message())
-        if self.model.model.training:
+        if self.cam_model.model.training:
             warnings.warn(
                 "the model is in training mode: BatchNorm uses batch statistics and dropout is "
                 "random, so maps are not deterministic; call model.eval() first",
                 stacklevel=2,
             )
+
+    @property
+    def model(self) -> CAMModel:
+        """The same as :attr:`cam_model` (the split model, not the user's), kept for old code."""
+        return self.cam_model
 
     @property
     def target_layer(self) -> str | list[str]:
@@ -147,7 +153,7 @@ class CAMEngine:
     @property
     def split_kind(self) -> str:
         """How the model was split: ``"fx"``, ``"export"`` or ``"hook"``."""
-        return self.model.split_kind
+        return self.cam_model.split_kind
 
     @property
     def method_options(self) -> MethodOptions:
@@ -178,7 +184,7 @@ class CAMEngine:
 
     def _predict(self, x: Tensor) -> Tensor:
         with torch.no_grad():
-            return self.model(x)[0]
+            return self.cam_model(x)[0]
 
     def _explain(self, x: Tensor, targets: Targets | Resolved) -> CAMResult:
         size = tuple(x.shape[2:])
@@ -224,7 +230,7 @@ class CAMEngine:
     def _layer_model(self, layer: str) -> CAMModel:
         """The model split at another ``layer`` with this engine's settings, built once."""
         if layer not in self._extra_layers:
-            outer = self.model
+            outer = self.cam_model
             compiled = outer.compile_options
             self._extra_layers[layer] = CAMModel(
                 outer.model,

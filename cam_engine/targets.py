@@ -185,7 +185,7 @@ def _check_finite(scores: Tensor, rows: Tensor) -> None:
         count = int(bad.sum())
         raise ValueError(
             f"the score function returned {count} non-finite score{'s' if count > 1 else ''} "
-            f"({float(scores[row, k])} for image {int(rows[row])}, target {k}"
+            f"({float(scores.detach()[row, k])} for image {int(rows[row])}, target {k}"
             f"{', the first' if count > 1 else ''}); scores must be finite"
         )
 

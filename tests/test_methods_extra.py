@@ -123,7 +123,7 @@ def test_finercam_default_ranks_fit_a_three_class_model():
     torch.manual_seed(0)
     model = nn.Sequential(
         nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)
-    ).double()
+    ).double().eval()
     x = images(2, 16)
     res = ce.CAMEngine(model, "1", "finercam")(x, [0, 2])
     logits = model(x)

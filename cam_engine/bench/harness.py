@@ -318,7 +318,7 @@ def run_all_classes(
     case = make_case(spec, batch, layer, "gradcam", Path("."))
     engine = CAMEngine(case.model, case.layer, "gradcam")
     result = AllClasses(spec.name, batch, spec.size, spec.device, 0)
-    if engine.model.gap_linear is None:
+    if engine.cam_model.gap_linear is None:
         result.skipped = "no global-average-pool head: all classes would need batched backwards"
         return result
     x = case.x

@@ -456,7 +456,7 @@ def compare(
     steps (after removing the blend's own rounding).
     """
     classes = got["classes"]
-    ref = engine(_in_model_dtype(engine.model, x), classes.to(x.device))
+    ref = engine(_in_model_dtype(engine.cam_model, x), classes.to(x.device))
     logits = ref.logits.double().cpu()
     scale = logits.abs().max().clamp_min(1.0)
     errors = {"logits": float((got["logits"] - logits).abs().max() / scale)}

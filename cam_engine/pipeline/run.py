@@ -101,7 +101,7 @@ def _run(
     loaded, engine = load(config, device)
     check_model(engine, loaded, config.targets)
     split = f"{engine.split_kind} split" + (", trunk compiled" if config.compile else "")
-    if engine.model.current().channels_last:
+    if engine.cam_model.current().channels_last:
         split += ", channels-last input"
     height, width = loaded.input_size
     print(
