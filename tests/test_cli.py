@@ -3,15 +3,24 @@
 
 from __future__ import annotations
 
+import csv
+import hashlib
 import subprocess
 import sys
 from pathlib import Path
+from unittest.mock import patch
 
+import numpy as np
 import pytest
+import torch
+from PIL import Image
 
 import cam_engine
 from cam_engine import cli
 from cam_engine.commands import export
+from cam_engine.io import probability_text
+from cam_engine.pipeline import Explained, outputs
+from cam_engine.pipeline.outputs import picture_name
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -109,3 +118,77 @@ def test_every_option_has_help():
     for name, sub in parser._subparsers._group_actions[0].choices.items():
         for action in sub._actions:
             assert action.help, f"{name} {action.option_strings or action.dest}"
+
+
+# what explain writes: sheet titles, picture names ---------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("p", "text"),
+    [(0.00123456, "0.00123"), (0.87, "0.870"), (1.0, "1.00"), (0.0456, "0.0456"), (0.0, "0.00")],
+)
+def test_probabilities_show_three_significant_digits(p, text):
+    assert probability_text(p) == text
+
+
+def test_sheet_titles_show_small_probabilities():
+    image = torch.zeros(3, 8, 8, dtype=torch.uint8)
+    result = Explained(
+        "a.png", [3, 5], ["cat", "dog"], [0.870, 0.00123], (8, 8), None, image, image[None] * 2
+    )
+    titles = []
+    with patch.object(outputs, "contact_sheet", lambda tiles, t: titles.extend(t)):
+        dict(outputs.pictures(result, {"sheet"}))
+    assert titles == [["a.png", "cat p=0.870", "dog p=0.00123"]]
+
+
+@pytest.mark.parametrize(
+    ("key", "name"),
+    [
+        ("astronaut.png", "astronaut_png"),
+        ("a/1.jpg", "a/1_jpg"),
+        ("d.e/x.y.JPEG", "d.e/x.y_JPEG"),
+        ("a_png.png", "a_png_png"),
+    ],
+)
+def test_picture_names_carry_no_double_extension(key, name):
+    assert picture_name(key) == name
+
+
+def test_picture_names_are_distinct_and_safe():
+    keys = ["a.png", "a.jpg", "a_png", "a_png.png", "a.", "a", "a.p-g", "bad\nname.png", "é.png"]
+    names = [picture_name(k) for k in keys]
+    assert len(set(names)) == len(keys)
+    assert names[:2] == ["a_png", "a_jpg"] and names[-1] == "é_png"
+    # without a plain extension: a hash, as output_name gives hostile names
+    assert names[2] == f"a_png~{hashlib.sha256(b'a_png').hexdigest()[:16]}"
+    assert all("\n" not in n and len(n.encode()) <= 255 - len(".999.png") for n in names)
+    assert picture_name("x" * 300 + ".png") != picture_name("x" * 300 + ".jpg")
+
+
+def test_explain_names_pictures_by_stem(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    pixels = (np.arange(16 * 16 * 3) % 251).astype(np.uint8).reshape(16, 16, 3)
+    for name in ("a.png", "a.jpg"):
+        Image.fromarray(pixels).save(folder / name)
+    out = tmp_path / "out"
+    argv = ["explain", str(folder), "--model", f"{ROOT / 'tests' / 'test_cli.py'}:tiny_net"]
+    argv += ["--input-size", "16", "--workers", "0", "--out", str(out), "--device", "cpu"]
+    assert cli.main(argv) == 0
+    sheets = sorted(p.name for p in (out / "sheets").iterdir())
+    assert sheets == ["a_jpg.png", "a_png.png"]
+    rows = list(csv.DictReader(open(out / "predictions.csv", newline="")))
+    overlays = sorted(p.name for p in (out / "overlays").iterdir())
+    assert overlays == sorted(f"{picture_name(r['image'])}.{r['class_id']}.png" for r in rows)
+
+
+def tiny_net() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4, 3),
+    )

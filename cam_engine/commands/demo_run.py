@@ -14,7 +14,7 @@ import cam_engine as ce
 
 from ..demo import model as shapes_model
 from ..demo import shapes
-from ..io import contact_sheet
+from ..io import contact_sheet, probability_text
 from ..metrics import energy_pointing_game, pointing_game
 from ..reference import reference_gradcam
 
@@ -67,7 +67,7 @@ def _single_sheet(engines: dict, data: shapes.ShapesBatch, scale: int) -> Image.
         columns.append(ce.overlay(_to_uint8(data.images), res.heatmaps)[:, 0])
         probs = res.logits.softmax(1).gather(1, res.classes)[:, 0]
         for i, (c, p) in enumerate(zip(res.classes[:, 0].tolist(), probs.tolist(), strict=True)):
-            titles[i].append(f"{name}: {shapes.CLASSES[c]} {p:.2f}")
+            titles[i].append(f"{name}: {shapes.CLASSES[c]} {probability_text(p)}")
     return contact_sheet(_enlarge(torch.stack(columns, 1).cpu(), scale), titles)
 
 
