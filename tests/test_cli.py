@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -192,3 +193,48 @@ def tiny_net() -> torch.nn.Module:
         torch.nn.Flatten(),
         torch.nn.Linear(4, 3),
     )
+
+
+# what bench and profile print ------------------------------------------------------------------
+
+
+def test_profile_prints_no_profiler_log_lines(tmp_path):
+    argv = ["profile", "--model", "resnet18", "--input-size", "32", "--batch-size", "1"]
+    argv += ["--repeats", "1", "--no-reference", "--threads", "1", "--out", str(tmp_path)]
+    env = {k: v for k, v in os.environ.items() if k != "KINETO_LOG_LEVEL"}
+    done = subprocess.run(
+        [sys.executable, "-m", "cam_engine.cli", *argv],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        check=True,
+    )
+    assert done.stderr == ""
+    assert "resnet18 at 'layer4', batch 1, 32x32" in done.stdout
+
+
+def test_bench_hides_the_cuda_home_warning():
+    script = (
+        "import logging, sys\nfrom cam_engine.commands.bench import quiet_torch_logs\n"
+        "quiet_torch_logs()\nimport torch.utils.cpp_extension\n"
+        "logging.getLogger('torch.utils.cpp_extension').warning('kept')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, check=True
+    )
+    assert done.stderr.strip().endswith("kept") and "No CUDA runtime" not in done.stderr
+
+
+def test_bench_exports_its_plain_onnx_model_quietly(tmp_path, capfd):
+    pytest.importorskip("onnxruntime")
+    from cam_engine.bench import backends as bk
+
+    model = tiny_net().eval()
+    x = torch.rand(1, 3, 16, 16)
+    case = bk.Case(model, "0", "cam", x, tmp_path, "tiny")
+    prepared = bk.BACKENDS["ort-plain"].prepare(case)
+    logits = prepared.call(x)
+    torch.testing.assert_close(logits, model(x).detach(), atol=1e-5, rtol=1e-5)
+    captured = capfd.readouterr()
+    assert "[torch.onnx]" not in captured.out + captured.err

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import shlex
 import sys
 from collections.abc import Sequence
@@ -23,6 +25,29 @@ OPTIONS = {
     "repeats": "--repeats",
     "warmup": "--warmup",
 }
+
+
+class _NoCudaHomeWarning(logging.Filter):
+    """Drops torch.utils.cpp_extension's "No CUDA runtime is found" (a CUDA toolkit on a
+    machine without a GPU), which torch.compile's first call prints and which says nothing."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No CUDA runtime is found")
+
+
+_NO_CUDA_HOME_WARNING = _NoCudaHomeWarning()
+
+
+def quiet_torch_logs() -> None:
+    """Silence the log lines of torch's internals that bench and profile cause on success.
+
+    Kineto's (the profiler's) ``USDT: profiler_start`` lines and, on a machine without a GPU,
+    its ``ERROR: gpuGetDeviceCount failed`` (``KINETO_LOG_LEVEL=6``, unless the environment
+    sets it: ``KINETO_LOG_LEVEL=0`` shows them all), and the CUDA_HOME warning above. Call it
+    before the first profiled call.
+    """
+    os.environ.setdefault("KINETO_LOG_LEVEL", "6")
+    logging.getLogger("torch.utils.cpp_extension").addFilter(_NO_CUDA_HOME_WARNING)
 
 
 def square_side(size: Sequence[int]) -> int:
@@ -169,6 +194,7 @@ def run(args: argparse.Namespace) -> int:
     from ..bench.models import ModelSpec
     from ..loading import resolve_device
 
+    quiet_torch_logs()
     if args.render:
         doc = json.loads(args.render.read_text())
         _write(doc, args, doc["config"].get("command", ""))

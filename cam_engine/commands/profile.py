@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .bench import square_side
+from .bench import quiet_torch_logs, square_side
 
 HELP = "profile one explain call stage by stage (torch.profiler), beside the hook-based reference"
 
@@ -43,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
     from ..bench.models import ModelSpec
     from ..engine import CAMEngine
 
+    quiet_torch_logs()
     if args.batch_size < 1 or args.repeats < 1:
         raise ValueError("--batch-size and --repeats must be >= 1")
     if args.threads:
