@@ -216,7 +216,7 @@ def test_profile_prints_no_profiler_log_lines(tmp_path):
 
 def test_bench_hides_the_cuda_home_warning():
     script = (
-        "import logging, sys\nfrom cam_engine.commands.bench import quiet_torch_logs\n"
+        "import logging, sys\nfrom cam_engine.commands.common import quiet_torch_logs\n"
         "quiet_torch_logs()\nimport torch.utils.cpp_extension\n"
         "logging.getLogger('torch.utils.cpp_extension').warning('kept')\n"
     )

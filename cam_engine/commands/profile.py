@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from .bench import quiet_torch_logs, square_side
+from .common import quiet_torch_logs, square_side
 
 HELP = "profile one explain call stage by stage (torch.profiler), beside the hook-based reference"
 
