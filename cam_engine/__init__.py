@@ -8,6 +8,7 @@ the backward pass stops there; CAM and Grad-CAM on global-average-pool heads nee
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -43,16 +44,17 @@ _LAZY = {
     "TopK": "targets",
     "BottomK": "targets",
 }
-_SUBMODULES = ("methods", "postprocess", "export", "metrics")
 
 
 def __getattr__(name: str) -> object:
-    if name in _SUBMODULES:
-        return importlib.import_module(f".{name}", __name__)
     if name in _LAZY:
         value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
         globals()[name] = value  # later look-ups skip this function
         return value
+    # any submodule as an attribute (``ce.methods``, ``ce.targets.BinaryScore``), as when this
+    # package imported them all
+    if not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -238,3 +238,18 @@ def test_bench_exports_its_plain_onnx_model_quietly(tmp_path, capfd):
     torch.testing.assert_close(logits, model(x).detach(), atol=1e-5, rtol=1e-5)
     captured = capfd.readouterr()
     assert "[torch.onnx]" not in captured.out + captured.err
+
+
+def test_the_package_imports_its_names_on_first_use():
+    script = (
+        "import sys\nimport cam_engine as ce\nassert 'torch' not in sys.modules\n"
+        "from cam_engine import CAMEngine, TopK\nfrom cam_engine.engine import CAMEngine as E\n"
+        "assert CAMEngine is E and ce.TopK is TopK and ce.wrap.__module__ == 'cam_engine.model'\n"
+        "assert callable(ce.targets.BinaryScore) and callable(ce.layout.to_nchw)\n"
+        "assert 'gradcam' in ce.methods.available() and set(ce.__all__) <= set(dir(ce))\n"
+        "try:\n    ce.nope\nexcept AttributeError:\n    print('OK')\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, check=True
+    )
+    assert done.stdout == "OK\n"
