@@ -48,10 +48,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         batch_help="images per engine call",
         batch_size=16,
         size_help="H,W (or HxW, or S) the images are resized to for the model (aspect not "
-        "kept); default: the weights' crop size, else 224",
+        "kept) (default: the weights' crop size, else 224)",
     )
     parser.add_argument(
-        "--workers", type=int, default=default_workers(), help="image decoding processes"
+        "--workers",
+        type=int,
+        default=default_workers(),
+        help="image decoding processes (default: one per CPU, at most 4)",
     )
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     parser.add_argument(
