@@ -1,7 +1,9 @@
 """The ``cam-engine`` command line.
 
 Each subcommand lives in ``cam_engine/commands/<name>.py`` and provides ``HELP`` (one line),
-``add_arguments(parser)`` and ``run(args) -> int``.
+``add_arguments(parser)`` and ``run(args) -> int``. A command module imports nothing heavy at its
+top: ``cam-engine --help`` and ``--version`` load neither torch nor any command's dependencies,
+and a run builds the arguments of its own command only.
 """
 
 from __future__ import annotations
@@ -10,11 +12,24 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from types import ModuleType
+
+from . import __version__
 
 COMMANDS = ("demo", "explain", "export", "bench", "profile")
 
 
-def _available() -> dict[str, object]:
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's help ends with its default, unless it has none or the help states it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, False) or "default" in text:
+            return text
+        return super()._get_help_string(action)
+
+
+def _available() -> dict[str, ModuleType]:
     found = {}
     for name in COMMANDS:
         try:
@@ -25,21 +40,41 @@ def _available() -> dict[str, object]:
     return found
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of every command, with the options of ``command`` only (``None``: of all).
+
+    The other commands are there by name and help line, without importing what their options
+    need (the method list of ``explain`` loads torch).
+    """
     parser = argparse.ArgumentParser(
         prog="cam-engine",
         description="Class-activation heatmaps at the speed of plain inference.",
+        formatter_class=HelpFormatter,
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module in _available().items():
-        command = sub.add_parser(name, help=module.HELP, description=module.HELP)
-        module.add_arguments(command)
-        command.set_defaults(run=module.run)
+        parsed = sub.add_parser(
+            name, help=module.HELP, description=module.HELP, formatter_class=HelpFormatter
+        )
+        if command in (None, name):
+            module.add_arguments(parsed)
+            parsed.set_defaults(run=module.run)
     return parser
 
 
+def _command(argv: Sequence[str]) -> str:
+    """The command that ``argv`` names: its first word that is not an option ("" for none)."""
+    return next((a for a in argv if not a.startswith("-")), "")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = _command(argv)
+    module = _available().get(command)
+    if module is not None and hasattr(module, "normalize_argv"):
+        argv = module.normalize_argv(argv)
+    args = build_parser(command).parse_args(argv)
     # the errors a user causes (a bad argument, a file that cannot be read or written) are one
     # line; anything else is a bug and keeps its traceback
     try:

@@ -374,6 +374,11 @@ def _fit(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
     return text + "…"
 
 
+def probability_text(p: float) -> str:
+    """A probability for a title, to 3 significant digits: ``0.00123``, ``0.870``, ``1.00``."""
+    return f"{p:#.3g}"
+
+
 def contact_sheet(
     tiles: Tensor, titles: Sequence[Sequence[str]] | None = None, pad: int = 4
 ) -> Image.Image:

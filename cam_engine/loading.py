@@ -384,6 +384,53 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, required: bool = Tru
     )
 
 
+def parse_input_size(text: str) -> tuple[int, int]:
+    """``--input-size``'s value: ``"H,W"``, ``"HxW"`` or ``"S"`` (square) -> ``(H, W)``.
+
+    Raises:
+        argparse.ArgumentTypeError: anything else, or a side below 1.
+    """
+    parts = re.split(r"[,x]", text.strip())
+    try:
+        size = tuple(int(p) for p in parts)
+    except ValueError:
+        size = ()
+    size = size * 2 if len(size) == 1 else size
+    if len(size) != 2 or min(size) < 1:
+        raise argparse.ArgumentTypeError(f"expected H,W or HxW or S (positive), got {text!r}")
+    return size
+
+
+def add_run_arguments(
+    parser: argparse.ArgumentParser,
+    *,
+    layer_help: str,
+    size_help: str,
+    batch_help: str | None = None,
+    batch_size: int | None = None,
+) -> None:
+    """``--target-layer``, ``--batch-size`` and ``--input-size``, spelled alike in every command.
+
+    The older spellings of ``bench`` and ``profile`` (``--layer``, ``--batch``, ``--size``) are
+    aliases; the dests are ``target_layer``, ``batch_size`` and ``input_size`` (``(H, W)``, see
+    :func:`parse_input_size`).
+
+    Args:
+        parser: the command's parser.
+        layer_help, size_help: the options' help, which says what their defaults are.
+        batch_help: ``--batch-size``'s help; ``None`` for a command without the option.
+        batch_size: the default of ``--batch-size``.
+    """
+    parser.add_argument("--target-layer", "--layer", help=layer_help)
+    if batch_help is not None:
+        parser.add_argument(
+            "--batch-size", "--batch", type=int, default=batch_size, help=batch_help
+        )
+    parser.add_argument(
+        "--input-size", "--size", type=parse_input_size, metavar="H,W", help=size_help
+    )
+
+
 def resolve_device(name: str | None) -> torch.device:
     """The torch device ``--device name`` asks for, checked to exist on this machine.
 

@@ -337,7 +337,7 @@ def test_bench_command_writes_json_markdown_and_png(tmp_path: Path):
     assert "torch" in doc["environment"]["versions"]
     text = (out / "BENCHMARKS.md").read_text()
     assert "| gradcam | reference |" in text
-    assert "`cam-engine bench --models resnet18 --batch 1 --size 64 --repeats 3" in text
+    assert "`cam-engine bench --models resnet18 --batch-size 1 --input-size 64 --repeats 3" in text
     assert (out / "bench.png").stat().st_size > 0
     markdown = tmp_path / "again.md"
     argv = ["bench", "--render", str(out / "results.json"), "--out", str(out)]

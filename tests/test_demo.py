@@ -11,7 +11,7 @@ from PIL import Image
 import cam_engine as ce
 from cam_engine import metrics
 from cam_engine.cli import main
-from cam_engine.commands.demo import MULTI_SEED, SINGLE_SEED, TOLERANCE
+from cam_engine.commands.demo_run import MULTI_SEED, SINGLE_SEED, TOLERANCE
 from cam_engine.demo import model as shapes_model
 from cam_engine.demo import shapes
 

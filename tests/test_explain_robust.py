@@ -42,6 +42,7 @@ import cam_engine as ce
 from cam_engine import cli
 from cam_engine.io import ImageFolder, contact_sheet, image_size, save_png
 from cam_engine.pipeline import ExplainConfig, output_name
+from cam_engine.pipeline.outputs import picture_name
 
 HERE = Path(__file__).resolve()
 ROOT = HERE.parents[1]
@@ -267,9 +268,10 @@ def test_odd_file_names_are_explained_and_named_safely(tmp_path, labels_file):
     for name in ODD_NAMES:
         safe = output_name(name)
         assert maps[safe].shape == (K, 24, 35)
-        assert Image.open(out / "sheets" / f"{safe}.png").size[0] > 35 * (K + 1)
+        picture = picture_name(name)
+        assert Image.open(out / "sheets" / f"{picture}.png").size[0] > 35 * (K + 1)
         for c in [r["class_id"] for r in rows if r["image"] == name]:
-            assert Image.open(out / "overlays" / f"{safe}.{c}.png").size == (35, 24)
+            assert Image.open(out / "overlays" / f"{picture}.{c}.png").size == (35, 24)
 
 
 def test_contact_sheet_titles_may_hold_any_character():

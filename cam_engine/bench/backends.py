@@ -379,7 +379,9 @@ def _ort_plain(case: Case) -> Prepared:
     path = case.workdir / f"{case.tag}-plain.onnx"
     if not path.exists():
         with torch.no_grad():
-            torch.onnx.export(case.model, (case.x,), path, dynamo=True, external_data=False)
+            torch.onnx.export(
+                case.model, (case.x,), path, dynamo=True, external_data=False, verbose=False
+            )
     session = ort.InferenceSession(str(path), providers=default_providers(case.x.device))
     (source,), (target,) = session.get_inputs(), session.get_outputs()
     if not case.x.is_cuda:

@@ -8,14 +8,7 @@ import shlex
 import sys
 from pathlib import Path
 
-import torch
-
-from .. import methods
-from ..bench import backends as bk
-from ..bench import report
-from ..bench.harness import run_all_classes, run_model
-from ..bench.models import AUTOCAST, COMPILE_MODES, ModelSpec
-from ..loading import resolve_device
+from .common import quiet_torch_logs, square_side
 
 HELP = "benchmark the engine against plain inference and the hook-based libraries"
 
@@ -23,21 +16,38 @@ HELP = "benchmark the engine against plain inference and the hook-based librarie
 QUICK = {"models": "resnet18", "batch": 2, "size": 64, "repeats": 3, "warmup": 1}
 #: backends --quick leaves out unless named (torch.compile takes minutes on a small CPU)
 SLOW_BACKENDS = ("engine-compile",)
+#: the settings' option names, as the repeat command line spells them
+OPTIONS = {
+    "models": "--models",
+    "batch": "--batch-size",
+    "size": "--input-size",
+    "repeats": "--repeats",
+    "warmup": "--warmup",
+}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--models", help="comma-separated torchvision models (resnet50,vgg16)")
-    parser.add_argument("--batch", type=int, help="images per call (8)")
-    parser.add_argument("--size", type=int, help="image height and width (224)")
+    from ..bench import backends as bk
+    from ..bench.models import AUTOCAST, COMPILE_MODES
+    from ..loading import add_run_arguments
+
+    parser.add_argument(
+        "--models", "--model", help="comma-separated torchvision models (default: resnet50,vgg16)"
+    )
+    add_run_arguments(
+        parser,
+        layer_help="target layer (default: the engine's choice per model)",
+        batch_help="images per call (default: 8)",
+        size_help="S (or S,S or SxS): the square images' side (default: 224)",
+    )
     parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1")
     parser.add_argument("--methods", default="gradcam,cam", help="comma-separated methods")
     parser.add_argument(
         "--backends",
         help="comma-separated, default all: " + ",".join(bk.available()),
     )
-    parser.add_argument("--layer", help="target layer (default: the engine's choice per model)")
-    parser.add_argument("--repeats", type=int, help="timed rounds per backend (10)")
-    parser.add_argument("--warmup", type=int, help="untimed calls per backend first (2)")
+    parser.add_argument("--repeats", type=int, help="timed rounds per backend (default: 10)")
+    parser.add_argument("--warmup", type=int, help="untimed calls per backend first (default: 2)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--channels-last", action="store_true", help="channels-last weights/inputs")
     parser.add_argument(
@@ -50,7 +60,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=list(COMPILE_MODES),
         help="torch.compile mode of the engine-compile backend (reduce-overhead: CUDA graphs)",
     )
-    parser.add_argument("--no-memory", action="store_true", help="skip peak-memory measurement")
+    parser.add_argument(
+        "--no-memory",
+        action="store_true",
+        help="skip the peak-memory phase, which runs each backend and method in a fresh process "
+        "(16 processes per model with the default backends and methods: minutes even for a "
+        "short run)",
+    )
     parser.add_argument(
         "--no-all-classes", action="store_true", help="skip the 'all classes at once' comparison"
     )
@@ -78,9 +94,19 @@ def _names(spec: str, allowed: list[str], what: str) -> list[str]:
 
 def _settings(args: argparse.Namespace) -> dict:
     """The run's settings: explicit arguments, else --quick's, else the headline defaults."""
+    from .. import methods
+    from ..bench import backends as bk
+
     defaults = {"models": "resnet50,vgg16", "batch": 8, "size": 224, "repeats": 10, "warmup": 2}
     chosen = {**defaults, **(QUICK if args.quick else {})}
-    chosen.update({k: getattr(args, k) for k in defaults if getattr(args, k) is not None})
+    given = {
+        "models": args.models,
+        "batch": args.batch_size,
+        "size": None if args.input_size is None else square_side(args.input_size),
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+    }
+    chosen.update({k: v for k, v in given.items() if v is not None})
     if args.backends:
         names = _names(args.backends, bk.available(), "backend(s)")
     else:
@@ -90,11 +116,13 @@ def _settings(args: argparse.Namespace) -> dict:
     chosen["models"] = [m.strip() for m in chosen["models"].split(",") if m.strip()]
     for key in ("batch", "size", "repeats"):
         if chosen[key] < 1:
-            raise ValueError(f"--{key} must be >= 1, got {chosen[key]}")
+            raise ValueError(f"{OPTIONS[key]} must be >= 1, got {chosen[key]}")
     return chosen
 
 
 def _write(doc: dict, args: argparse.Namespace, command: str) -> None:
+    from ..bench import report
+
     args.out.mkdir(parents=True, exist_ok=True)
     text = report.markdown(doc, command)
     markdown = args.markdown or args.out / "BENCHMARKS.md"
@@ -107,17 +135,19 @@ def _write(doc: dict, args: argparse.Namespace, command: str) -> None:
 
 def _command(cfg: dict, args: argparse.Namespace) -> str:
     """The command line that repeats this run, every setting spelled out."""
+    import torch
+
     parts = ["cam-engine", "bench", "--models", ",".join(cfg["models"])]
     for key in ("batch", "size", "repeats", "warmup"):
-        parts += [f"--{key}", str(cfg[key])]
+        parts += [OPTIONS[key], str(cfg[key])]
     parts += ["--device", args.device, "--methods", ",".join(cfg["methods"])]
     parts += ["--backends", ",".join(cfg["backends"]), "--threads", str(torch.get_num_threads())]
     flags = ("channels_last", "no_memory", "no_all_classes")
     parts += ["--" + f.replace("_", "-") for f in flags if getattr(args, f)]
     if args.quick and not args.no_memory:
         parts.append("--no-memory")
-    if args.layer:
-        parts += ["--layer", args.layer]
+    if args.target_layer:
+        parts += ["--target-layer", args.target_layer]
     if args.autocast:
         parts += ["--autocast", args.autocast]
     if args.compile_mode:
@@ -126,6 +156,14 @@ def _command(cfg: dict, args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..bench import report
+    from ..bench.harness import run_all_classes, run_model
+    from ..bench.models import ModelSpec
+    from ..loading import resolve_device
+
+    quiet_torch_logs()
     if args.render:
         doc = json.loads(args.render.read_text())
         _write(doc, args, doc["config"].get("command", ""))
@@ -153,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
             cfg["batch"],
             cfg["methods"],
             cfg["backends"],
-            layer=args.layer,
+            layer=args.target_layer,
             warmup=cfg["warmup"],
             repeats=cfg["repeats"],
             memory=not (args.no_memory or args.quick),
@@ -162,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
         if not args.no_all_classes and "gradcam" in cfg["methods"]:
             everything.append(
                 run_all_classes(
-                    spec, cfg["batch"], layer=args.layer, repeats=min(3, cfg["repeats"])
+                    spec, cfg["batch"], layer=args.target_layer, repeats=min(3, cfg["repeats"])
                 )
             )
     config = {

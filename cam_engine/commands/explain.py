@@ -9,39 +9,52 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
-import cam_engine as ce
-
-from .. import pipeline
-from ..engine import CAMEngine
-from ..io import MAX_PIXELS
-from ..loading import LoadedModel, add_model_arguments
-from ..pipeline.config import SAVE_CHOICES, default_workers
-from ..postprocess import available_colormaps
+    from .. import pipeline
+    from ..engine import CAMEngine
+    from ..loading import LoadedModel
 
 HELP = "explain image files and folders: overlays, contact sheets, predictions.csv, heatmaps.npz"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    # the lists in the help come from the library, which loads torch
+    from .. import methods
+    from ..io import MAX_PIXELS
+    from ..loading import add_model_arguments, add_run_arguments
+    from ..pipeline.config import SAVE_CHOICES, default_workers
+    from ..postprocess import available_colormaps
+
     parser.add_argument(
         "images", nargs="+", metavar="IMAGES_OR_DIRS", help="image files and folders (recursive)"
     )
     add_model_arguments(parser)
     parser.add_argument("--labels", type=Path, help="class names, one per line (line i = class i)")
-    parser.add_argument("--target-layer", help="module or FX node name (default: last feature map)")
     parser.add_argument(
-        "--method", default="gradcam", help=f"one of {', '.join(ce.methods.available())}"
+        "--method", default="gradcam", help=f"one of {', '.join(methods.available())}"
     )
     parser.add_argument(
         "--targets",
         default="top1",
-        help="classes to explain per image: topK, bottomK or class ids (207,282); default top1",
+        help="classes to explain per image: topK, bottomK or class ids (207,282)",
     )
-    parser.add_argument("--batch-size", type=int, default=16)
+    add_run_arguments(
+        parser,
+        layer_help="module or FX node name (default: last feature map)",
+        batch_help="images per engine call",
+        batch_size=16,
+        size_help="H,W (or HxW, or S) the images are resized to for the model (aspect not "
+        "kept) (default: the weights' crop size, else 224)",
+    )
     parser.add_argument(
-        "--workers", type=int, default=default_workers(), help="image decoding processes"
+        "--workers",
+        type=int,
+        default=default_workers(),
+        help="image decoding processes (default: one per CPU, at most 4)",
     )
     parser.add_argument("--device", help="torch device (default: cuda if available, else cpu)")
     parser.add_argument(
@@ -57,11 +70,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="feed the model channels-last images up to the target layer (default: on a CPU "
         "only, where it measured 1.02x to 1.53x the images/s of torchvision's CNNs)",
-    )
-    parser.add_argument(
-        "--input-size",
-        help="H,W (or S) the images are resized to for the model (aspect not kept); "
-        "default: the weights' crop size, else 224",
     )
     parser.add_argument(
         "--mean", help="3 normalisation means (default: the weights' or ImageNet's)"
@@ -88,7 +96,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=MAX_PIXELS,
         help="skip images with more pixels, read from the file's header before decoding "
-        f"(decompression bombs); default {MAX_PIXELS}, Pillow's limit",
+        "(decompression bombs; Pillow's limit)",
     )
     parser.add_argument(
         "--overwrite",
@@ -114,6 +122,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def config(args: argparse.Namespace) -> pipeline.ExplainConfig:
     """The :class:`~cam_engine.pipeline.ExplainConfig` of parsed ``explain`` arguments."""
+    from .. import pipeline
+
     given = vars(args)
     names = [name for name in pipeline.ExplainConfig.names() if name in given]
     return pipeline.ExplainConfig(**{name: given[name] for name in names})
@@ -121,11 +131,15 @@ def config(args: argparse.Namespace) -> pipeline.ExplainConfig:
 
 def load(args: argparse.Namespace, device: torch.device) -> tuple[LoadedModel, CAMEngine]:
     """The model and engine that ``explain`` would run with these arguments, on ``device``."""
+    from .. import pipeline
+
     return pipeline.load(config(args), device)
 
 
 def run(args: argparse.Namespace) -> int:
     """0, or 1 when no image could be explained."""
+    from .. import pipeline
+
     settings = config(args)
     if settings.ray is None:
         return 0 if pipeline.explain(settings).explained else 1

@@ -3,30 +3,41 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
-
-from ..loading import add_model_arguments, load_model
 
 HELP = "export a classifier to ONNX with its CAM / Grad-CAM heatmaps computed inside the graph"
 
 
+def normalize_argv(argv: list[str]) -> list[str]:
+    """``--input-size H W``, this command's older spelling, as ``--input-size H,W``."""
+    out = list(argv)
+    for i, word in enumerate(out[:-2]):
+        if word == "--input-size" and all(re.fullmatch(r"\d+", w) for w in out[i + 1 : i + 3]):
+            out[i + 1 : i + 3] = [f"{out[i + 1]},{out[i + 2]}"]
+            break
+    return out
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..loading import add_model_arguments, add_run_arguments
+
     parser.add_argument(
         "legacy_model", nargs="?", metavar="MODEL", help="the model, as --model (older spelling)"
     )
     parser.add_argument("out", type=Path, help="the .onnx file to write")
     add_model_arguments(parser, required=False)
-    parser.add_argument("--target-layer", default=None, help="module name; default: last map")
-    parser.add_argument("--method", choices=("cam", "gradcam"), default="cam")
-    parser.add_argument("--topk", type=int, default=1, help="classes explained per image")
-    parser.add_argument(
-        "--input-size",
-        type=int,
-        nargs=2,
-        metavar=("H", "W"),
-        help="the example input's size; default: the weights' crop size, else 224 224",
+    add_run_arguments(
+        parser,
+        layer_help="module name (default: the last feature map)",
+        size_help="H,W (or HxW, or S; or H W, the older spelling) of the example input "
+        "(default: the weights' crop size, else 224)",
     )
+    parser.add_argument(
+        "--method", choices=("cam", "gradcam"), default="cam", help="the method in the graph"
+    )
+    parser.add_argument("--topk", type=int, default=1, help="classes explained per image")
     parser.add_argument("--dynamic-size", action="store_true", help="any input H, W")
     parser.add_argument(
         "--static-batch",
@@ -54,6 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..export import to_onnx
+    from ..loading import load_model
 
     if (args.model is None) == (args.legacy_model is None):
         raise ValueError("name the model once: --model MODEL OUT (or the older MODEL OUT)")

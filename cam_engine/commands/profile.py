@@ -6,26 +6,27 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
-
-from .. import methods
-from ..bench import profiling
-from ..bench.harness import make_case
-from ..bench.models import ModelSpec
-from ..engine import CAMEngine
+from .common import quiet_torch_logs, square_side
 
 HELP = "profile one explain call stage by stage (torch.profiler), beside the hook-based reference"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from .. import methods
+    from ..loading import add_run_arguments
+
     parser.add_argument("--model", default="resnet50", help="torchvision model (random weights)")
-    parser.add_argument("--batch", type=int, default=8, help="images per call")
-    parser.add_argument("--size", type=int, default=224, help="image height and width")
+    add_run_arguments(
+        parser,
+        layer_help="target layer (default: the engine's choice)",
+        batch_help="images per call",
+        batch_size=8,
+        size_help="S (or S,S or SxS): the square images' side (default: 224)",
+    )
     parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1")
     parser.add_argument(
         "--method", default="gradcam", help="one of " + ", ".join(methods.available())
     )
-    parser.add_argument("--layer", help="target layer (default: the engine's choice)")
     parser.add_argument("--repeats", type=int, default=3, help="profiled calls (after 1 warm-up)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument(
@@ -35,12 +36,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.batch < 1 or args.repeats < 1:
-        raise ValueError("--batch and --repeats must be >= 1")
+    import torch
+
+    from ..bench import profiling
+    from ..bench.harness import make_case
+    from ..bench.models import ModelSpec
+    from ..engine import CAMEngine
+
+    quiet_torch_logs()
+    if args.batch_size < 1 or args.repeats < 1:
+        raise ValueError("--batch-size and --repeats must be >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
-    spec = ModelSpec(args.model, args.size, device=args.device)
-    case = make_case(spec, args.batch, args.layer, args.method, args.out)
+    size = square_side(args.input_size or (224, 224))
+    spec = ModelSpec(args.model, size, device=args.device)
+    case = make_case(spec, args.batch_size, args.target_layer, args.method, args.out)
     engine = CAMEngine(case.model, case.layer, args.method)
     args.out.mkdir(parents=True, exist_ok=True)
     traces = {"engine": args.out / "trace_engine.json"}
@@ -53,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
             case.model, case.layer, case.x, args.repeats, traces["reference"]
         )
     title = (
-        f"{args.model} at {case.layer!r}, batch {args.batch}, {args.size}x{args.size}, "
+        f"{args.model} at {case.layer!r}, batch {args.batch_size}, {size}x{size}, "
         f"{args.device}, {torch.get_num_threads()} threads, {args.method} "
         f"(reference: hook-based Grad-CAM); mean of {args.repeats} calls"
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import re
 import unicodedata
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -14,13 +15,14 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torch import Tensor
 
-from ..io import contact_sheet
+from ..io import contact_sheet, probability_text
 from .compute import Explained
 
 __all__ = [
     "PREDICTION_COLUMNS",
     "SHEET_TILE",
     "output_name",
+    "picture_name",
     "pictures",
     "prediction_rows",
     "write_skipped",
@@ -45,11 +47,30 @@ def output_name(key: str) -> str:
     return "/".join(_safe_part(part) for part in key.split("/"))
 
 
+def picture_name(key: str) -> str:
+    """The name of an image's pictures, before ``.png`` (sheet) or ``.<class_id>.png`` (overlay).
+
+    :func:`output_name` of the key with the last dot of its file name made an underscore, so
+    that ``sheets/`` holds ``astronaut_png.png``, not ``astronaut.png.png``, and ``a.png`` and
+    ``a.jpg`` stay apart (``a_png``, ``a_jpg``). A file name without a plain extension (letters
+    and digits after its last dot) gets ``~<16 hex digits of its SHA-256>`` instead, so that
+    ``a_png`` (no extension) is not ``a.png``'s name: distinct keys get distinct names.
+    """
+    folder, _, name = key.rpartition("/")
+    plain = re.fullmatch(r"(.+)\.([0-9A-Za-z]+)", name)
+    name = f"{plain[1]}_{plain[2]}" if plain else f"{name}~{_digest(name)}"
+    return output_name(f"{folder}/{name}" if folder else name)
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+
+
 def _safe_part(part: str) -> str:
     odd = [ch for ch in part if unicodedata.category(ch) in ("Cc", "Cs")]
     if not odd and len(part.encode("utf-8")) <= NAME_BYTES:
         return part
-    digest = hashlib.sha256(part.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    digest = _digest(part)
     readable = "".join("_" if unicodedata.category(ch) in ("Cc", "Cs") else ch for ch in part)
     readable = readable.encode("utf-8")[: NAME_BYTES // 2].decode("utf-8", "ignore")
     return f"{readable}~{digest}"
@@ -83,13 +104,14 @@ def pictures(result: Explained, save: Iterable[str]) -> Iterator[tuple[str, Tens
         return
     if "png" in save:
         for c, tile in zip(result.classes, result.overlays, strict=True):
-            yield f"overlays/{output_name(result.key)}.{c}.png", tile
+            yield f"overlays/{picture_name(result.key)}.{c}.png", tile
     if "sheet" in save:
         titles = [Path(result.key).name] + [
-            f"{name} p={p:.2f}" for name, p in zip(result.names, result.scores, strict=True)
+            f"{name} p={probability_text(p)}"
+            for name, p in zip(result.names, result.scores, strict=True)
         ]
         tiles = _shrink(torch.cat([result.image[None], result.overlays]))
-        yield f"sheets/{output_name(result.key)}.png", contact_sheet(tiles[None], [titles])
+        yield f"sheets/{picture_name(result.key)}.png", contact_sheet(tiles[None], [titles])
 
 
 def _shrink(tiles: Tensor) -> Tensor:
