@@ -27,7 +27,7 @@ from cam_engine.compat import ClassifierOutputTarget, ClassifierOutputSoftmaxTar
 
 # pytorch-grad-cam's README example, with a batch of two and the method a parameter
 README_EXAMPLE = """
-target_layers = [model.layer4[-1]]
+target_layers = [{layer}]
 targets = [ClassifierOutputTarget(281), ClassifierOutputTarget(7)]
 with {method}(model=model, target_layers=target_layers) as cam:
     grayscale_cam = cam(input_tensor=input_tensor, targets=targets,
@@ -47,21 +47,24 @@ def _both(code: str, **names) -> tuple[dict, dict]:
 
 
 @pytest.mark.parametrize(
-    ("method", "aug", "eigen", "size"),
+    ("method", "aug", "eigen", "layer", "size"),
     [
-        ("GradCAM", False, False, 64),
-        ("GradCAM", True, False, 64),
-        ("GradCAM", False, True, 64),
-        ("GradCAMPlusPlus", False, False, 64),
-        ("XGradCAM", False, False, 64),
-        ("EigenCAM", False, False, 64),
-        ("LayerCAM", False, True, 64),
-        ("ScoreCAM", False, False, 32),
+        ("GradCAM", False, False, "model.layer4[-1]", 64),
+        ("GradCAM", True, False, "model.layer4[-1]", 64),
+        ("GradCAM", False, True, "model.layer4[-1]", 64),
+        ("GradCAMPlusPlus", False, False, "model.layer4[-1]", 64),
+        ("XGradCAM", False, False, "model.layer4[-1]", 64),
+        ("EigenCAM", False, False, "model.layer4[-1]", 64),
+        ("LayerCAM", False, True, "model.layer4[-1]", 64),
+        # Score-CAM runs the model once per channel: layer2's 128, on 16 px images
+        ("ScoreCAM", False, False, "model.layer2", 16),
     ],
 )
-def test_the_readme_example_gives_pytorch_grad_cams_arrays(resnet18, method, aug, eigen, size):
+def test_the_readme_example_gives_pytorch_grad_cams_arrays(
+    resnet18, method, aug, eigen, layer, size
+):
     x = images(2, size)
-    code = README_EXAMPLE.format(method=method, aug=aug, eigen=eigen)
+    code = README_EXAMPLE.format(method=method, aug=aug, eigen=eigen, layer=layer)
     theirs, ours = _both(code, model=resnet18, input_tensor=x)
     got, want = ours["grayscale_cam"], theirs["grayscale_cam"]
     assert got.dtype == np.float32 and got.shape == want.shape == (2, size, size)
