@@ -151,3 +151,58 @@ def test_show_cam_on_image_rejects_what_pytorch_grad_cam_rejects():
         compat.show_cam_on_image(img, mask, image_weight=1.5)
     with pytest.raises(ValueError, match="OpenCV colormap 4 has no equivalent"):
         compat.show_cam_on_image(img, mask, colormap=4)
+
+
+# --- OrtCAM: NumPy in, NumPy out; one keyword for classes ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_files(tmp_path_factory):
+    """A top-2 file and a Grad-CAM file with a classes input, of a tiny stride-4 net at 32 px."""
+    from test_export_files import TinyNet
+
+    from cam_engine.export import OrtCAM, to_onnx
+
+    torch.manual_seed(0)
+    net, folder = TinyNet().eval(), tmp_path_factory.mktemp("ort")
+    top2 = to_onnx(net, folder / "top2.onnx", "features", topk=2, input_size=(32, 32))
+    given = to_onnx(
+        net, folder / "given.onnx", "features", method="gradcam", input_size=(32, 32),
+        classes_input=True,
+    )  # fmt: skip
+    return OrtCAM(top2.path, device="cpu"), OrtCAM(given.path, device="cpu")
+
+
+def test_ort_cam_takes_numpy_images_and_returns_numpy(tiny_files):
+    top2, given = tiny_files
+    x = images(2, 32, torch.float32)
+    for cam, targets in ((top2, None), (given, [[1, 4], [0, 5]])):
+        want = cam(x, targets)
+        got = cam(x.numpy().astype(np.float64), targets)  # any float dtype, as tensors
+        for name in ("heatmaps", "logits", "classes"):
+            array = getattr(got, name)
+            assert isinstance(array, np.ndarray), name
+            np.testing.assert_array_equal(array, getattr(want, name).numpy())
+        outputs = cam.run(x.numpy(), targets)
+        assert all(isinstance(v, np.ndarray) for v in outputs.values())
+        np.testing.assert_array_equal(outputs["heatmaps"], want.heatmaps.numpy())
+    with pytest.raises(ValueError, match="floating-point images, got NumPy uint8"):
+        top2(np.zeros((2, 3, 32, 32), np.uint8))
+    with pytest.raises(ValueError, match="empty batch"):
+        top2(np.zeros((0, 3, 32, 32), np.float32))
+
+
+def test_ort_cam_call_and_run_take_the_same_keywords(tiny_files):
+    _, given = tiny_files
+    x = images(2, 32, torch.float32)
+    want = given.run(x, [[1, 4], [0, 5]])  # the old positional spelling
+    for keyword in ("targets", "classes"):
+        outputs = given.run(x, **{keyword: [[1, 4], [0, 5]]})
+        result = given(x, **{keyword: [[1, 4], [0, 5]]})
+        for name in ("heatmaps", "logits", "classes"):
+            torch.testing.assert_close(outputs[name], want[name], rtol=0, atol=0)
+            torch.testing.assert_close(getattr(result, name), want[name], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="not both"):
+        given(x, targets=1, classes=1)
+    with pytest.raises(ValueError, match="not both"):
+        given.run(x, 1, classes=1)
