@@ -175,26 +175,31 @@ class BaseCAM:
         self.model = model.eval()
         self.target_layers = list(target_layers)
         self._layers = _layer_names(model, self.target_layers)
-        options = dict(engine_options)
+        layer, method_options = self._engine_layers(self._layers)
         if base_method is not None:
             if base_method.__name__ not in METHODS:
                 raise ValueError(
                     f"unknown base_method {base_method.__name__!r}; use one of {sorted(METHODS)}"
                 )
-            options["method_options"] = {
-                **(options.get("method_options") or {}),
-                "base": METHODS[base_method.__name__],
-            }
+            method_options["base"] = METHODS[base_method.__name__]
+        options = dict(engine_options)
+        if method_options:
+            options["method_options"] = {**(options.get("method_options") or {}), **method_options}
         self._options = {"reshape": reshape_transform, **options}
+        self._layer = layer
         self._engines: dict[bool, CAMEngine] = {}
         self.outputs: Tensor | None = None
         self._engine(False)  # a bad layer, option or method fails here, not at the call
 
+    def _engine_layers(self, names: list[str]) -> tuple[str | list[str], dict[str, Any]]:
+        """The engine's ``target_layer`` and method options for pytorch-grad-cam's layers:
+        several layers' maps are fused by their mean."""
+        return (names[0] if len(names) == 1 else names), {}
+
     def _engine(self, eigen_smooth: bool) -> CAMEngine:
         if eigen_smooth not in self._engines:
-            layers = self._layers[0] if len(self._layers) == 1 else self._layers
             self._engines[eigen_smooth] = CAMEngine(
-                self.model, layers, self.method, eigen_smooth=eigen_smooth, **self._options
+                self.model, self._layer, self.method, eigen_smooth=eigen_smooth, **self._options
             )
         return self._engines[eigen_smooth]
 
@@ -346,6 +351,10 @@ class RefineCAM(BaseCAM):
     """pytorch-grad-cam's ``RefineCAM``: the engine's ``"refinecam"``."""
 
     method = "refinecam"
+
+    def _engine_layers(self, names: list[str]) -> tuple[str | list[str], dict[str, Any]]:
+        # RefineCAM multiplies its base method's maps at every layer: one engine method
+        return names[0], ({"layers": names[1:]} if len(names) > 1 else {})
 
 
 class SESS(BaseCAM):

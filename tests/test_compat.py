@@ -90,6 +90,34 @@ with GradCAM(model=model, target_layers=[model.layer3, model.layer4]) as cam:
         np.testing.assert_allclose(got, want, atol=1e-5)
 
 
+@pytest.mark.parametrize(
+    ("method", "layers", "base", "targets"),
+    [
+        (
+            "HiResCAM",
+            "[model.layer4]",
+            None,
+            "[ClassifierOutputTarget(3), ClassifierOutputTarget(9)]",
+        ),
+        ("FullGrad", "[model.layer4]", None, "None"),
+        ("FinerCAM", "[model.layer4]", None, "None"),
+        ("RefineCAM", "[model.layer3, model.layer4]", "LayerCAM", "None"),
+    ],
+)
+def test_more_methods_give_pytorch_grad_cams_arrays(resnet18, method, layers, base, targets):
+    """Methods with their own ways: FullGrad (every bias), FinerCAM (top-1 against its nearest
+    classes), RefineCAM (the base maps of all layers multiplied, one engine method)."""
+    imports = "from {0} import HiResCAM, FullGrad, FinerCAM, RefineCAM, LayerCAM\n"
+    code = f"""
+cam = {method}(model, {layers}{f", base_method={base}" if base else ""})
+grayscale_cam = cam(input_tensor, {targets})
+"""
+    names = {"model": resnet18, "input_tensor": images(2, 64)}
+    theirs = _run(PGC_IMPORTS + imports.format("pytorch_grad_cam"), code, **names)
+    ours = _run(COMPAT_IMPORTS + imports.format("cam_engine.compat"), code, **names)
+    np.testing.assert_allclose(ours["grayscale_cam"], theirs["grayscale_cam"], atol=1e-5)
+
+
 def test_pytorch_grad_cams_target_objects_are_accepted(resnet18):
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
