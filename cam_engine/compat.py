@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Sequence
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -342,9 +343,34 @@ class ShapleyCAM(BaseCAM):
 
 
 class FinerCAM(BaseCAM):
-    """pytorch-grad-cam's ``FinerCAM``: the engine's ``"finercam"``."""
+    """pytorch-grad-cam's ``FinerCAM``: the engine's ``"finercam"``.
+
+    As there, ``targets=None`` compares each image's top-1 class with its nearest classes, and
+    given targets are explained by the base method alone.
+    """
 
     method = "finercam"
+
+    def __call__(
+        self,
+        input_tensor: Tensor,
+        targets: Sequence[Callable[[Tensor], Tensor]] | None = None,
+        aug_smooth: bool = False,
+        eigen_smooth: bool = False,
+    ) -> np.ndarray:
+        """See :meth:`BaseCAM.__call__`."""
+        if targets is None:
+            return super().__call__(input_tensor, None, aug_smooth, eigen_smooth)
+        maps = self._base_cam(input_tensor, targets, aug_smooth, eigen_smooth)
+        self.outputs = self._base_cam.outputs
+        return maps
+
+    @cached_property
+    def _base_cam(self) -> BaseCAM:
+        base = self._engine(False).method_options.base
+        cls = next(c for c in BaseCAM.__subclasses__() if c.method == base)
+        options = {k: v for k, v in self._options.items() if k not in ("reshape", "method_options")}
+        return cls(self.model, self.target_layers, self._options["reshape"], **options)
 
 
 class RefineCAM(BaseCAM):

@@ -101,6 +101,7 @@ with GradCAM(model=model, target_layers=[model.layer3, model.layer4]) as cam:
         ),
         ("FullGrad", "[model.layer4]", None, "None"),
         ("FinerCAM", "[model.layer4]", None, "None"),
+        ("FinerCAM", "[model.layer4]", "LayerCAM", "[ClassifierOutputTarget(3)] * 2"),
         ("RefineCAM", "[model.layer3, model.layer4]", "LayerCAM", "None"),
     ],
 )
