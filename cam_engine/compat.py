@@ -35,6 +35,7 @@ __all__ = [
     "ClassifierOutputSoftmaxTarget",
     "show_cam_on_image",
     "BaseCAM",
+    "engine_targets",
     "METHODS",
     "GradCAM",
     "HiResCAM",
