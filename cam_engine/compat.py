@@ -145,8 +145,6 @@ def _layer_names(model: nn.Module, target_layers: Sequence[nn.Module]) -> list[s
     missing = [type(m).__name__ for m in target_layers if id(m) not in names]
     if missing:
         raise ValueError(f"target_layers must be modules of the model; not found: {missing}")
-    if not target_layers:
-        raise ValueError("target_layers is empty: pass the modules to explain, e.g. [model.layer4]")
     return [names[id(m)] for m in target_layers]
 
 
@@ -193,9 +191,13 @@ class BaseCAM:
         self.outputs: Tensor | None = None
         self._engine(False)  # a bad layer, option or method fails here, not at the call
 
-    def _engine_layers(self, names: list[str]) -> tuple[str | list[str], dict[str, Any]]:
+    def _engine_layers(self, names: list[str]) -> tuple[str | list[str] | None, dict[str, Any]]:
         """The engine's ``target_layer`` and method options for pytorch-grad-cam's layers:
         several layers' maps are fused by their mean."""
+        if not names:
+            raise ValueError(
+                "target_layers is empty: pass the modules to explain, e.g. [model.layer4]"
+            )
         return (names[0] if len(names) == 1 else names), {}
 
     def _engine(self, eigen_smooth: bool) -> CAMEngine:
@@ -320,9 +322,16 @@ class AblationCAM(BaseCAM):
 
 
 class FullGrad(BaseCAM):
-    """pytorch-grad-cam's ``FullGrad``: the engine's ``"fullgrad"``."""
+    """pytorch-grad-cam's ``FullGrad``: the engine's ``"fullgrad"``.
+
+    FullGrad sums over every bias of the model; ``target_layers`` may be empty (the engine's
+    default layer), as pytorch-grad-cam ignores them.
+    """
 
     method = "fullgrad"
+
+    def _engine_layers(self, names: list[str]) -> tuple[str | list[str] | None, dict[str, Any]]:
+        return (names[0] if names else None), {}
 
 
 class KPCA_CAM(BaseCAM):
@@ -379,9 +388,11 @@ class RefineCAM(BaseCAM):
 
     method = "refinecam"
 
-    def _engine_layers(self, names: list[str]) -> tuple[str | list[str], dict[str, Any]]:
+    def _engine_layers(self, names: list[str]) -> tuple[str | list[str] | None, dict[str, Any]]:
         # RefineCAM multiplies its base method's maps at every layer: one engine method
-        return names[0], ({"layers": names[1:]} if len(names) > 1 else {})
+        if len(names) < 2:
+            return super()._engine_layers(names)
+        return names[0], {"layers": names[1:]}
 
 
 class SESS(BaseCAM):

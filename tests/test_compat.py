@@ -99,7 +99,7 @@ with GradCAM(model=model, target_layers=[model.layer3, model.layer4]) as cam:
             None,
             "[ClassifierOutputTarget(3), ClassifierOutputTarget(9)]",
         ),
-        ("FullGrad", "[model.layer4]", None, "None"),
+        ("FullGrad", "[]", None, "None"),
         ("FinerCAM", "[model.layer4]", None, "None"),
         ("FinerCAM", "[model.layer4]", "LayerCAM", "[ClassifierOutputTarget(3)] * 2"),
         ("RefineCAM", "[model.layer3, model.layer4]", "LayerCAM", "None"),
