@@ -30,11 +30,28 @@ _OUTPUT_DTYPES = {
 class OrtResult(CAMResult):
     """:class:`cam_engine.CAMResult` from an ONNX file.
 
-    ``cams`` is ``None`` (the file outputs the final maps only); ``heatmaps`` is ``None`` and
-    ``overlay`` (B, K, 3, H, W) uint8 is set for files exported with a colour map.
+    Its arrays are tensors, or NumPy arrays when the images were. ``cams`` is ``None`` (the file
+    outputs the final maps only); ``heatmaps`` is ``None`` and ``overlay`` (B, K, 3, H, W) uint8
+    is set for files exported with a colour map.
     """
 
-    overlay: Tensor | None = None
+    overlay: Tensor | np.ndarray | None = None
+
+
+def _one_keyword(targets: Targets, classes: Targets) -> Targets:
+    """``targets``, or ``classes`` (its old name in :meth:`OrtCAM.run`); not both."""
+    if targets is not None and classes is not None:
+        raise ValueError("pass targets= or classes= (the same thing), not both")
+    return classes if targets is None else targets
+
+
+def _from_numpy(x: np.ndarray) -> Tensor:
+    """NumPy images as a CPU tensor, refusing what has no float tensor form."""
+    if not np.issubdtype(x.dtype, np.floating):
+        raise ValueError(
+            f"expected floating-point images, got NumPy {x.dtype}; normalise them first"
+        )
+    return torch.from_numpy(np.ascontiguousarray(x))
 
 
 def _tensorrt_loadable() -> bool:
@@ -115,7 +132,8 @@ class OrtCAM:
 
     CUDA input tensors are bound in place (I/O binding): the inputs are read and the outputs
     written in GPU memory, with no host round trip (except for ``upsample=False`` files, whose
-    map size is not known before the run). CPU tensors go through NumPy.
+    map size is not known before the run). CPU tensors go through NumPy; NumPy images give NumPy
+    results.
 
     Args:
         path: the ``.onnx`` file.
@@ -128,6 +146,7 @@ class OrtCAM:
 
         cam = OrtCAM("resnet50_cam.onnx")
         res = cam(x)              # res.heatmaps (B, K, H, W), res.classes, res.logits
+        res = cam(x.numpy())      # the same as NumPy arrays, for code without tensors
     """
 
     def __init__(
@@ -168,39 +187,47 @@ class OrtCAM:
         """Classes explained per image without a ``classes`` input."""
         return self.cam_metadata.topk
 
-    def run(self, x: Tensor, classes: Targets = None) -> dict[str, Tensor]:
-        """The file's outputs by name, on :attr:`device`.
+    def run(
+        self, x: Tensor | np.ndarray, targets: Targets = None, *, classes: Targets = None
+    ) -> dict[str, Tensor] | dict[str, np.ndarray]:
+        """The file's outputs by name: tensors on :attr:`device`, or NumPy arrays for NumPy ``x``.
 
         Args:
-            x: (B, C, H, W) float images: C (and without ``dynamic_batch`` B) as exported; (H, W)
-                the export's ``input_size``, or with ``dynamic_size`` at least the file's
-                ``min_input_size``.
-            classes: for files exported with ``classes_input=True`` (and only for them), class
+            x: (B, C, H, W) float images, a tensor or a NumPy array: C (and without
+                ``dynamic_batch`` B) as exported; (H, W) the export's ``input_size``, or with
+                ``dynamic_size`` at least the file's ``min_input_size``.
+            targets: for files exported with ``classes_input=True`` (and only for them), class
                 ids as :class:`cam_engine.CAMEngine` takes them: an int (every image), (B,) (one
                 per image) or (B, K); integers in [0, num_classes).
+            classes: the old name of ``targets``, kept for old code.
 
         Raises:
             ValueError: images or classes the file cannot take (see above).
         """
+        targets = _one_keyword(targets, classes)
+        as_numpy = isinstance(x, np.ndarray)
+        if as_numpy:
+            x = _from_numpy(x)
         check_images(x)
         self.cam_metadata.check_input(x.shape)
-        if self.takes_classes != (classes is not None):
+        if self.takes_classes != (targets is not None):
             need = "needs classes (B, K)" if self.takes_classes else "takes no classes input"
             raise ValueError(f"this file {need}")
         x = x.detach().float().contiguous()
-        if classes is not None:
-            classes = self._class_ids(classes, x).contiguous()
+        ids = self._class_ids(targets, x).contiguous() if targets is not None else None
         if x.is_cuda and self.on_gpu:
-            return self._run_bound(x, classes)
+            return self._run_bound(x, ids)
         feed = {"x": x.cpu().numpy()}
-        if classes is not None:
-            feed["classes"] = classes.cpu().numpy()
-        values = self.session.run(self.output_names, feed)
-        out = {
-            name: torch.from_numpy(value).to(self.device)
-            for name, value in zip(self.output_names, values, strict=True)
-        }
-        return self._with_classes(out, classes)
+        if ids is not None:
+            feed["classes"] = ids.cpu().numpy()
+        values = dict(
+            zip(self.output_names, self.session.run(self.output_names, feed), strict=True)
+        )
+        if ids is not None:  # files with a classes input do not output them again
+            values["classes"] = feed["classes"]
+        if as_numpy:
+            return values
+        return {name: torch.from_numpy(value).to(self.device) for name, value in values.items()}
 
     def _class_ids(self, classes: Targets, x: Tensor) -> Tensor:
         """(B, K) long ``classes`` on ``x``'s device; ``ValueError`` unless they are class ids."""
@@ -242,17 +269,22 @@ class OrtCAM:
             "overlay": (batch, k, 3, height, width),
         }
 
-    def __call__(self, x: Tensor, targets: Targets = None) -> OrtResult:
+    def __call__(
+        self, x: Tensor | np.ndarray, targets: Targets = None, *, classes: Targets = None
+    ) -> OrtResult:
         """Explain a batch, as :class:`cam_engine.CAMEngine` does.
 
         Args:
-            x: (B, C, H, W) float images, CPU or CUDA.
+            x: (B, C, H, W) float images: a CPU or CUDA tensor, or a NumPy array (the result's
+                arrays are then NumPy arrays too).
             targets: ``None`` or ``TopK(j)`` with ``j <= topk`` for files without a classes
                 input (the first ``j`` maps); class ids (int, (B,), (B, K)) for files with one.
+            classes: another name of ``targets``, as :meth:`run` takes it.
 
         Raises:
             ValueError: as :meth:`run`, or targets the file cannot explain.
         """
+        targets = _one_keyword(targets, classes)
         classes, keep = None, None
         if self.takes_classes:
             if targets is None:
