@@ -331,10 +331,7 @@ def load_model(
     facts = named.transforms() if named is not None else None
     if input_size is None and facts is not None:
         input_size = facts.crop_size
-    size = tuple(int(s) for s in (input_size or DEFAULT_INPUT_SIZE))
-    size = size * 2 if len(size) == 1 else size
-    if len(size) != 2 or min(size) < 1:
-        raise ValueError(f"input size must be (H, W) or (S,) positive, got {input_size}")
+    size = size_pair(input_size or DEFAULT_INPUT_SIZE)
     mean = tuple(mean or (facts.mean if facts is not None else IMAGENET_MEAN))
     std = tuple(std or (facts.std if facts is not None else IMAGENET_STD))
     if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
@@ -384,21 +381,33 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, required: bool = Tru
     )
 
 
-def parse_input_size(text: str) -> tuple[int, int]:
-    """``--input-size``'s value: ``"H,W"``, ``"HxW"`` or ``"S"`` (square) -> ``(H, W)``.
+def size_pair(value: str | int | Sequence[int]) -> tuple[int, int]:
+    """An input size: ``"H,W"``, ``"HxW"``, ``"S"`` (square), ``S`` or ``(H, W)`` -> ``(H, W)``.
 
     Raises:
-        argparse.ArgumentTypeError: anything else, or a side below 1.
+        ValueError: anything else, or a side below 1.
     """
-    parts = re.split(r"[,x]", text.strip())
+    if isinstance(value, str):
+        parts = re.split(r"[,x]", value.strip())
+    else:
+        parts = [value] if isinstance(value, int) else list(value)
     try:
-        size = tuple(int(p) for p in parts)
+        size = tuple(int(p) if isinstance(p, str) else p for p in parts)
     except ValueError:
         size = ()
     size = size * 2 if len(size) == 1 else size
-    if len(size) != 2 or min(size) < 1:
-        raise argparse.ArgumentTypeError(f"expected H,W or HxW or S (positive), got {text!r}")
+    valid = all(isinstance(n, int) and not isinstance(n, bool) for n in size)
+    if len(size) != 2 or not valid or min(size) < 1:
+        raise ValueError(f"expected H,W or HxW or S (positive), got {value!r}")
     return size
+
+
+def parse_input_size(text: str) -> tuple[int, int]:
+    """``--input-size``'s argparse type: :func:`size_pair` of the text."""
+    try:
+        return size_pair(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_run_arguments(

@@ -226,7 +226,7 @@ def test_an_animated_gif_gives_its_first_frame(tmp_path, labels_file):
     classes = [r["class_id"] for r in rows if r["image"] == "anim.png"]
     expected = ce.overlay(first[None], maps[None])[0]
     for k, c in enumerate(classes):
-        png = torch.from_numpy(np.array(Image.open(out / "overlays" / f"anim.png.{c}.png")))
+        png = torch.from_numpy(np.array(Image.open(out / "overlays" / f"anim_png.{c}.png")))
         assert (png.permute(2, 0, 1).int() - expected[k].int()).abs().max() <= 1
 
 

@@ -7,7 +7,8 @@ Layout of ``out/`` (pictures and the two CSV files as written by ``cam-engine ex
                             height, width, heatmaps (K * H * W float32 bytes, or null)
     failures/<id>.parquet   one per batch with unreadable images: image, reason
                             (``image``: the output name, :func:`cam_engine.pipeline.output_name`)
-    overlays/, sheets/      the pictures, ``<image>.<class_id>.png`` and ``<image>.png``
+    overlays/, sheets/      the pictures, ``<name>.<class_id>.png`` and ``<name>.png``
+                            (``name``: :func:`cam_engine.pipeline.outputs.picture_name`)``
     predictions.csv         image, class_id, class_name, score: rows in the inputs' order
     skipped.csv             image, reason
     .tmp/, .lock            files being written; the lock of the run writing

@@ -13,6 +13,7 @@ import torch
 
 from .. import methods
 from ..io import MAX_PIXELS
+from ..loading import size_pair
 from ..postprocess import colormap_lut
 from ..targets import BottomK, TopK
 
@@ -242,13 +243,12 @@ def _targets(value: object) -> Targets:
 
 
 def _input_size(value: object) -> tuple[int, int] | None:
-    size = _numbers(value, int, "--input-size")
-    if size is None:
+    if value is None:
         return None
-    size = size * 2 if len(size) == 1 else size
-    if len(size) != 2 or min(size) < 1:
-        raise ValueError(f"--input-size {value!r}: expected H,W or S, positive")
-    return size
+    try:
+        return size_pair(value)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"--input-size: {exc}") from None
 
 
 def _save(value: str | Iterable[str]) -> frozenset[str]:
