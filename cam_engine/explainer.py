@@ -10,11 +10,13 @@ compositions (several layers, augmentations, meta-methods) run :class:`LayerExpl
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import record_function
 
 from . import postprocess
@@ -183,13 +185,17 @@ class LayerExplainer:
     def __call__(self, x: Tensor, targets: Targets | Resolved) -> LayerMaps:
         """The maps of one batch ``x`` (B, C, *S) for ``targets``: :class:`LayerMaps`."""
         method, class_ids = self.method, is_class_ids(targets)
-        record = forward_record(
-            self.cam_model,
-            x,
-            closed_form=self.closed_form and not method.needs_head_graph,
-            class_ids=class_ids,
-            graph=method.needs_gradients or method.needs_head_graph,
-        )
+        # the attention kernel is picked when the graph is built: the fused ones have no
+        # double backward
+        kernels = sdpa_kernel(SDPBackend.MATH) if method.double_backward else nullcontext()
+        with kernels:
+            record = forward_record(
+                self.cam_model,
+                x,
+                closed_form=self.closed_form and not method.needs_head_graph,
+                class_ids=class_ids,
+                graph=method.needs_gradients or method.needs_head_graph,
+            )
         if method.needs_gap_head:  # the head's structure, whether its closed form is used or not
             gap = self.cam_model.gap_linear
             if gap is None or not gap.applies(record.features):

@@ -205,6 +205,9 @@ class Method:
         needs_gradients: the engine computes dScore/dA of the explained targets into
             :attr:`Context.gradients` (closed form where it applies).
         needs_head_graph: the engine keeps the head's graph in :attr:`Context.head_graph`.
+        double_backward: the method differentiates the head's gradients again, so the head runs
+            with kernels that have a double backward (the math attention kernel: the fused
+            ones on the CPU have none).
         needs_gap_head: defined only for global-average-pool -> linear heads (classic CAM).
         two_d_only: defined for 2-D images only.
         composition: the method runs other engine calls (several layers, crops): it is
@@ -217,6 +220,7 @@ class Method:
     options: type[MethodOptions] = MethodOptions
     needs_gradients: bool = False
     needs_head_graph: bool = False
+    double_backward: bool = False
     needs_gap_head: bool = False
     two_d_only: bool = False
     composition: bool = False
