@@ -49,3 +49,18 @@ def test_shapleycam_on_a_vit_on_the_cpu():
     assert_close(minmax(res.cams[:, 0]), minmax(expected), atol=HEATMAP_TOL, rtol=0)
     gradcam = ce.CAMEngine(model, layer, "gradcam", input_size=(32, 32))(x, 3)
     assert not torch.allclose(gradcam.cams, res.cams, atol=1e-3)  # the LayerNorm's H A matters
+
+
+def test_sscam_does_not_depend_on_batch_size(resnet18):
+    """The mask noise was drawn per chunk of ``batch_size`` masks: the chunks' draws are not one
+    draw's numbers when a mask has a size randn does not vectorise (81 pixels: 3e-4 apart)."""
+    x = images(2, 9)
+
+    def run(batch_size: int) -> Tensor:
+        options = {"num_samples": 2, "generator": torch.Generator().manual_seed(4)}
+        engine = ce.CAMEngine(
+            resnet18, "layer1", "sscam", batch_size=batch_size, method_options=options
+        )
+        return engine(x, [4, 2]).cams
+
+    assert_close(run(5), run(256), atol=1e-12, rtol=0)
