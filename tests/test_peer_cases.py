@@ -4,15 +4,22 @@ CPU, tiny models)."""
 
 from __future__ import annotations
 
+import functools
+
+import pytest
 import torch
 from conftest import images
 from test_methods import HEATMAP_TOL, minmax
+from test_methods_extra import torchcam_cams
 from test_methods_peer import small_vit
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.testing import assert_close
+from torchvision.models.vision_transformer import EncoderBlock
 
 import cam_engine as ce
+
+tc = pytest.importorskip("torchcam.methods")
 
 
 def _vit_shapley_reference(model, layer: str, x: Tensor, cls: int) -> Tensor:
@@ -64,3 +71,91 @@ def test_sscam_does_not_depend_on_batch_size(resnet18):
         return engine(x, [4, 2]).cams
 
     assert_close(run(5), run(256), atol=1e-12, rtol=0)
+
+
+class TwoPrefixViT(nn.Module):
+    """A ViT with two prefix tokens (class, distillation) on 16x32 images (a 2x4 patch grid),
+    its blocks in ``container``: 10 tokens, which the engine's layout lays out as (2, 5)."""
+
+    def __init__(self, container: type[nn.Module] = nn.Sequential, blocks: int = 2) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.patch = nn.Conv2d(3, 32, 8, stride=8)
+        self.prefix = nn.Parameter(torch.randn(1, 2, 32) * 0.5)
+        layers = [EncoderBlock(2, 32, 64, 0.0, 0.0) for _ in range(blocks)]
+        self.blocks = (
+            nn.Sequential(*layers) if container is nn.Sequential else nn.ModuleList(layers)
+        )
+        self.norm, self.head = nn.LayerNorm(32), nn.Linear(32, 10)
+
+    def project(self, tokens: Tensor) -> Tensor:
+        return self.head(self.norm(tokens.mean(1)))
+
+    def forward(self, x: Tensor) -> Tensor:
+        tokens = self.patch(x).flatten(2).transpose(1, 2)
+        tokens = torch.cat([self.prefix.expand(x.shape[0], -1, -1), tokens], 1)
+        for block in self.blocks:
+            tokens = block(tokens)
+        return self.head(self.norm(tokens[:, 0]))
+
+
+@functools.cache
+def two_prefix_vit(container: type[nn.Module]) -> nn.Module:
+    return TwoPrefixViT(container).double().eval()
+
+
+@pytest.mark.parametrize("container", [nn.Sequential, nn.ModuleList])
+def test_legrad_with_two_prefix_tokens_and_a_module_list(container):
+    """The grid was taken from the target map before the prefix was dropped ('8 tokens less
+    prefix_tokens=2 do not fill the target layer's grid'); blocks in an nn.ModuleList were
+    refused."""
+    model, x = two_prefix_vit(container), images(2, (16, 32))
+    options = {"prefix_tokens": 2, "projection": model.project}
+    engine = ce.CAMEngine(model, "blocks.0", "legrad", input_size=(16, 32), method_options=options)
+    res = engine(x, [3, 5])
+    assert res.cams.shape == (2, 1, 2, 4)
+    expected = torchcam_cams(
+        tc.LeGrad,
+        model,
+        ["blocks.0", "blocks.1"],
+        x,
+        [3, 5],
+        score_projection=model.project,
+        prefix_tokens=2,
+        grid_shape=(2, 4),
+    )
+    assert expected.amax() > 0
+    assert_close(res.cams[:, 0], expected, atol=1e-10 * expected.amax(), rtol=1e-7)
+
+
+class _DropsAToken(nn.Module):
+    """A torchvision encoder block whose residual stream loses its first token."""
+
+    def __init__(self, block: EncoderBlock) -> None:
+        super().__init__()
+        self.ln_1, self.self_attention = block.ln_1, block.self_attention
+        self.ln_2, self.mlp = block.ln_2, block.mlp
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        query = self.ln_1(tokens)
+        attended, _ = self.self_attention(query, query, query, need_weights=False)
+        tokens = (tokens + attended)[:, 1:]
+        return tokens + self.mlp(self.ln_2(tokens))
+
+
+def test_legrad_bad_blocks_and_projections_are_value_errors():
+    """They were an IndexError (a projection to (B,)) and a RuntimeError (a block dropping a
+    token)."""
+    model, x = TwoPrefixViT().double().eval(), images(1, (16, 32))
+
+    def run(model: nn.Module, projection) -> None:
+        options = {"prefix_tokens": 2, "projection": projection}
+        size = (16, 32)
+        ce.CAMEngine(model, "blocks.0", "legrad", input_size=size, method_options=options)(x, 3)
+
+    with pytest.raises(ValueError, match=r"must return logits \(B, N\), got \(1,\)"):
+        run(model, lambda tokens: model.project(tokens)[:, 0])
+    dropping = TwoPrefixViT().double().eval()  # a new model: the traced graph is kept per model
+    dropping.blocks[0] = _DropsAToken(dropping.blocks[0])
+    with pytest.raises(ValueError, match="keep their tokens"):
+        run(dropping, dropping.project)
