@@ -159,3 +159,39 @@ def test_legrad_bad_blocks_and_projections_are_value_errors():
     dropping.blocks[0] = _DropsAToken(dropping.blocks[0])
     with pytest.raises(ValueError, match="keep their tokens"):
         run(dropping, dropping.project)
+
+
+def test_rest_score_matches_pytorch_grad_cam(resnet18):
+    """``ClassifierOutputReST``: the logit minus the cross-entropy, here with Grad-CAM."""
+    pgc = pytest.importorskip("pytorch_grad_cam")
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputReST
+
+    logits = torch.tensor([[1.0, -2.0, 0.5]], dtype=torch.float64)
+    scores = ce.targets.ReSTScore([2]).resolve(logits).scores(logits, torch.arange(1))
+    expected = logits[0, 2] - torch.nn.functional.cross_entropy(logits, torch.tensor([2]))
+    assert_close(scores, expected.view(1, 1), atol=1e-12, rtol=0)
+
+    x = images(2, 64)
+    res = ce.CAMEngine(resnet18, "layer4", "gradcam")(x, ce.targets.ReSTScore([3, 8]))
+    with pgc.GradCAM(resnet18, [resnet18.layer4]) as cam:
+        heat = cam(x, [ClassifierOutputReST(3), ClassifierOutputReST(8)])
+    resnet18.zero_grad(set_to_none=True)
+    expected = minmax(torch.from_numpy(heat).double())
+    assert_close(res.heatmaps[:, 0], expected, atol=HEATMAP_TOL, rtol=0)
+    plain = ce.CAMEngine(resnet18, "layer4", "gradcam")(x, [3, 8])
+    assert not torch.allclose(plain.heatmaps, res.heatmaps, atol=1e-3)
+
+
+def test_randomcam_is_random_channel_weights(resnet18):
+    """pytorch-grad-cam's ``RandomCAM`` (numpy's RNG: its numbers cannot be matched): uniform
+    weights in [-1, 1] over the target map, reproducible with a generator."""
+    x = images(2, 64)
+    options = {"generator": torch.Generator().manual_seed(3)}
+    res = ce.CAMEngine(resnet18, "layer4", "randomcam", method_options=options)(x, ce.TopK(2))
+    weights = torch.rand((2, 2, 512), generator=torch.Generator().manual_seed(3), dtype=x.dtype)
+    with torch.no_grad():
+        a = torch.nn.Sequential(*list(resnet18.children())[:-2])(x)
+    expected = torch.einsum("bkc,bchw->bkhw", 2 * weights - 1, a).relu()
+    assert_close(res.cams, expected, atol=1e-10, rtol=0)
+    again = ce.CAMEngine(resnet18, "layer4", "randomcam", method_options=options)(x, ce.TopK(2))
+    assert not torch.equal(again.cams, res.cams)  # the generator moved on

@@ -1,4 +1,5 @@
-"""Activation-only methods of pytorch-grad-cam 1.5.7: FEM and KPCA-CAM (class-agnostic maps)."""
+"""Activation-only methods of pytorch-grad-cam 1.5.7: FEM and KPCA-CAM (class-agnostic maps), and
+RandomCAM, the metrics' sanity baseline."""
 
 from __future__ import annotations
 
@@ -34,6 +35,32 @@ class KpcaOptions(MethodOptions):
             raise ValueError(f"unknown kernel {self.kernel!r}; use one of {', '.join(KERNELS)}")
         if self.gamma is not None:
             check_number("gamma", self.gamma, positive=True)
+
+
+@dataclass(frozen=True)
+class RandomOptions(MethodOptions):
+    """``generator``: a ``torch.Generator`` on the input's device for reproducible weights
+    (default: the global RNG)."""
+
+    generator: torch.Generator | None = None
+
+    def __post_init__(self) -> None:
+        if self.generator is not None and not isinstance(self.generator, torch.Generator):
+            raise ValueError(f"generator must be a torch.Generator, got {self.generator!r}")
+
+
+@register_weights("randomcam", options=RandomOptions)
+def randomcam(ctx: Context) -> Tensor:
+    """pytorch-grad-cam's ``RandomCAM``: channel weights drawn uniformly in [-1, 1), one draw
+    (``torch.rand``, in the map's dtype) per image and target; a baseline for the metrics.
+
+    Returns:
+        weights (B, K, C).
+    """
+    a = ctx.activations
+    shape = (*ctx.classes.shape, a.shape[1])
+    draw = torch.rand(shape, generator=ctx.options.generator, dtype=a.dtype, device=a.device)
+    return 2 * draw - 1
 
 
 @register_weights("fem", options=FemOptions)
