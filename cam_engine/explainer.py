@@ -22,7 +22,7 @@ from torch.profiler import record_function
 from . import postprocess
 from .gradients import ForwardRecord, explained_gradients, forward_record
 from .layout import Reshape, gradients_to_nchw, to_nchw
-from .methods import Context, Method, MethodOptions, first_component
+from .methods import Context, Method, MethodOptions
 from .model import CAMModel, select_output
 from .targets import Resolved, Targets, is_class_ids, resolve
 
@@ -229,7 +229,7 @@ class LayerExplainer:
             )
             if self.eigen_smooth:
                 with torch.no_grad():
-                    out_cams, guided = first_component(method.smooth(ctx)).relu(), None
+                    out_cams, guided = method.eigen_smoothed(ctx), None
             else:
                 out = method.run(ctx)
                 out_cams, guided = out.cams, out.guided

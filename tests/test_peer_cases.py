@@ -195,3 +195,32 @@ def test_randomcam_is_random_channel_weights(resnet18):
     assert_close(res.cams, expected, atol=1e-10, rtol=0)
     again = ce.CAMEngine(resnet18, "layer4", "randomcam", method_options=options)(x, ce.TopK(2))
     assert not torch.equal(again.cams, res.cams)  # the generator moved on
+
+
+def test_fullgrad_eigen_smooth_matches_pytorch_grad_cam(resnet18):
+    """pytorch-grad-cam projects FullGrad's maps at 1/8 of the input size; its projection's sign
+    is LAPACK's (here fixed: positively correlated with the maps' sum), and a flipped projection
+    gives the complementary heatmap 1 - h."""
+    from test_methods import pgc_heatmaps
+
+    x = images(2, 64)
+    res = ce.CAMEngine(resnet18, None, "fullgrad", eigen_smooth=True)(x, [3, 8])
+    expected = pgc_heatmaps("fullgrad", resnet18, [], x, [3, 8], eigen_smooth=True)
+    for b in range(2):
+        errors = [(res.heatmaps[b, 0] - e).abs().max() for e in (expected[b], 1 - expected[b])]
+        assert min(errors) < HEATMAP_TOL
+    plain = ce.CAMEngine(resnet18, None, "fullgrad")(x, [3, 8])
+    assert not torch.allclose(plain.heatmaps, res.heatmaps, atol=1e-2)
+
+
+def test_kpca_eigen_smooth_is_the_plain_map_as_in_pytorch_grad_cam(resnet18):
+    """pytorch-grad-cam's KPCA-CAM ignores eigen_smooth (it was refused here)."""
+    from test_methods_extra import pgc_maps
+
+    pgc = pytest.importorskip("pytorch_grad_cam")
+    x = images(2, 64)
+    res = ce.CAMEngine(resnet18, "layer4", "kpca-cam", eigen_smooth=True)(x)
+    plain = ce.CAMEngine(resnet18, "layer4", "kpca-cam")(x)
+    assert torch.equal(res.heatmaps, plain.heatmaps)
+    expected = pgc_maps(pgc.KPCA_CAM, resnet18, "layer4", x, res.classes[:, 0])
+    assert_close(res.heatmaps[:, 0], expected, atol=HEATMAP_TOL, rtol=0)

@@ -94,7 +94,12 @@ def _kernel(rows: Tensor, kernel: str, gamma: float) -> Tensor:
     )
 
 
-@register("kpca-cam", options=KpcaOptions)
+def _kpca_eigen_map(ctx: Context) -> Tensor:
+    """pytorch-grad-cam ignores ``eigen_smooth`` for KPCA-CAM: its map is a projection already."""
+    return kpca_cam(ctx)
+
+
+@register("kpca-cam", options=KpcaOptions, eigen_map=_kpca_eigen_map)
 def kpca_cam(ctx: Context) -> Tensor:
     """KPCA-CAM (Karmani et al., 2024): the first kernel principal component of the positions.
 
