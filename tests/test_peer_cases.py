@@ -224,3 +224,43 @@ def test_kpca_eigen_smooth_is_the_plain_map_as_in_pytorch_grad_cam(resnet18):
     assert torch.equal(res.heatmaps, plain.heatmaps)
     expected = pgc_maps(pgc.KPCA_CAM, resnet18, "layer4", x, res.classes[:, 0])
     assert_close(res.heatmaps[:, 0], expected, atol=HEATMAP_TOL, rtol=0)
+
+
+class _GapHead(nn.Module):
+    """A conv stem (2-D or 3-D) and a linear global-average-pool head in one of three forms."""
+
+    def __init__(self, head: str, dims: int = 2) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        conv = nn.Conv3d if dims == 3 else nn.Conv2d
+        pool = nn.AdaptiveAvgPool3d(1) if dims == 3 else nn.AdaptiveAvgPool2d(1)
+        self.features = nn.Sequential(conv(3, 8, 3, stride=2), nn.ReLU())
+        self.head = {
+            "linear": nn.Sequential(pool, nn.Flatten(), nn.Dropout(0.2), nn.Linear(8, 5)),
+            "pool-conv": nn.Sequential(pool, conv(8, 5, 1), nn.Flatten()),
+            "conv-pool": nn.Sequential(nn.Dropout(0.2), conv(8, 5, 1), pool, nn.Flatten()),
+        }[head]
+
+    def weight(self) -> Tensor:
+        layer = next(m for m in self.head if isinstance(m, nn.Linear | nn.Conv2d | nn.Conv3d))
+        return layer.weight.flatten(1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))
+
+
+@pytest.mark.parametrize(
+    ("head", "dims"), [("linear", 3), ("pool-conv", 2), ("conv-pool", 2), ("pool-conv", 3)]
+)
+def test_cam_on_gap_heads_of_any_rank_and_1x1_conv_heads(head, dims):
+    """CAM was refused on AdaptiveAvgPool3d -> linear heads and on 1x1-conv classifiers; its map
+    is ``ReLU(sum_c W[k, c] A_c)`` (hand-computed) and its heatmaps Grad-CAM's (autograd)."""
+    model = _GapHead(head, dims).double().eval()
+    x = torch.randn(2, 3, *(9,) * dims, generator=torch.Generator().manual_seed(1)).double()
+    res = ce.CAMEngine(model, "features", "cam")(x, [[1, 3], [4, 0]])
+    with torch.no_grad():
+        a = model.features(x)
+    expected = torch.einsum("bkc,bc...->bk...", model.weight()[res.classes], a).relu()
+    assert_close(res.cams, expected, atol=1e-12, rtol=0)
+    grad = ce.CAMEngine(model, "features", "gradcam", closed_form=False)(x, res.classes)
+    assert_close(res.heatmaps, grad.heatmaps, atol=HEATMAP_TOL, rtol=0)
