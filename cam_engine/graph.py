@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import inspect
 import io
 import math
 import threading
@@ -161,9 +162,18 @@ class Graph:
         return min(modules, key=lambda m: m.count(".")) if modules else node.name
 
 
+def _defaults(model: nn.Module) -> dict[str, Any]:
+    """The parameters of ``model.forward`` after the first that have defaults, bound to them: the
+    engine calls the model with its input alone, so optional inputs take their defaults (an
+    ``x2=None`` branch is traced as not taken)."""
+    params = list(inspect.signature(model.forward).parameters.values())[1:]
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {p.name: p.default for p in params if p.kind in kinds and p.default is not p.empty}
+
+
 def _trace_fx(model: nn.Module) -> Graph:
     tracer = _ModuleOutputTracer(**_tracer_kwargs())
-    graph = tracer.trace(model)
+    graph = tracer.trace(model, concrete_args=_defaults(model) or None)
     gm = fx.GraphModule(tracer.root, graph, model.__class__.__name__)
     # node objects were copied into gm's graph by name; map them back.
     by_name = {n.name: n for n in gm.graph.nodes}

@@ -264,3 +264,34 @@ def test_cam_on_gap_heads_of_any_rank_and_1x1_conv_heads(head, dims):
     assert_close(res.cams, expected, atol=1e-12, rtol=0)
     grad = ce.CAMEngine(model, "features", "gradcam", closed_form=False)(x, res.classes)
     assert_close(res.heatmaps, grad.heatmaps, atol=HEATMAP_TOL, rtol=0)
+
+
+class _OptionalInput(nn.Module):
+    """``forward(x, x2=None, scale=2.0)``: the trace took the ``x2 is not None`` branch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU())
+        self.extra, self.fc = nn.Linear(2, 8), nn.Linear(8, 5)
+
+    def forward(self, x: Tensor, x2: Tensor | None = None, scale: float = 2.0) -> Tensor:
+        pooled = self.features(x).mean((2, 3))
+        if x2 is not None:
+            pooled = pooled + self.extra(x2)
+        return self.fc(pooled * scale)
+
+
+def test_models_with_optional_inputs_are_traced_with_their_defaults():
+    """It failed with a TypeError (``linear()`` on None)."""
+    pgc = pytest.importorskip("pytorch_grad_cam")
+    from test_methods_extra import pgc_maps
+
+    model, x = _OptionalInput().double().eval(), images(2, 16)
+    res = ce.CAMEngine(model, "features", "gradcam")(x, [1, 4])
+    assert_close(
+        res.heatmaps[:, 0],
+        pgc_maps(pgc.GradCAM, model, "features", x, [1, 4]),
+        atol=HEATMAP_TOL,
+        rtol=0,
+    )
