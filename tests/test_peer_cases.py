@@ -295,3 +295,36 @@ def test_models_with_optional_inputs_are_traced_with_their_defaults():
         atol=HEATMAP_TOL,
         rtol=0,
     )
+
+
+@pytest.mark.parametrize(
+    ("name", "layer"), [("mobilenet_v2", "features.18.0"), ("efficientnet_b0", "features.8.0")]
+)
+def test_layers_inside_torchvision_op_blocks(name, layer):
+    """The tracer kept ``Conv2dNormActivation`` whole, so its conv could not be named (torchcam's
+    own tests target it)."""
+    from test_methods_extra import built, pgc_maps
+
+    pgc = pytest.importorskip("pytorch_grad_cam")
+    model, x = built(name), images(2, 64)
+    res = ce.CAMEngine(model, layer, "gradcam")(x, [1, 4])
+    assert res.cams.shape == (2, 1, 2, 2)
+    expected = pgc_maps(pgc.GradCAM, model, layer, x, [1, 4])
+    assert_close(res.heatmaps[:, 0], expected, atol=HEATMAP_TOL, rtol=0)
+
+
+def test_a_layer_inside_a_vit_mlp_block():
+    """``mlp.0`` inside torchvision's ``MLPBlock`` (an op block kept whole before), against
+    pytorch-grad-cam with the ViT reshape."""
+    from test_methods_extra import pgc_maps
+
+    pgc = pytest.importorskip("pytorch_grad_cam")
+    model, x = small_vit(), images(2, 32)
+    layer = "encoder.layers.encoder_layer_1.mlp.0"
+    res = ce.CAMEngine(model, layer, "gradcam", input_size=(32, 32))(x, [1, 4])
+
+    def reshape(tokens: Tensor) -> Tensor:
+        return tokens[:, 1:].reshape(tokens.shape[0], 4, 4, -1).permute(0, 3, 1, 2)
+
+    expected = pgc_maps(pgc.GradCAM, model, layer, x, [1, 4], reshape_transform=reshape)
+    assert_close(res.heatmaps[:, 0], expected, atol=HEATMAP_TOL, rtol=0)
