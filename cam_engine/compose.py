@@ -118,7 +118,7 @@ class BaseOptions(MethodOptions):
         object.__setattr__(self, "base_options", parsed)
         if not isinstance(self.eigen_smooth, bool):
             raise ValueError(f"eigen_smooth must be a bool, got {self.eigen_smooth!r}")
-        if self.eigen_smooth and base.smooth is None:
+        if self.eigen_smooth and not base.smoothable:
             raise ValueError(f"method {base.name!r} has no eigen_smooth form")
 
 

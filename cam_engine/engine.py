@@ -87,8 +87,8 @@ class CAMEngine:
         self.options = self.method.options.parse(self.method.name, method_options)
         if fusion not in compose.FUSIONS:
             raise ValueError(f"unknown fusion {fusion!r}; use one of {', '.join(compose.FUSIONS)}")
-        if eigen_smooth and self.method.smooth is None:
-            smoothable = [n for n in methods.available() if methods.get(n).smooth is not None]
+        if eigen_smooth and not self.method.smoothable:
+            smoothable = [n for n in methods.available() if methods.get(n).smoothable]
             raise ValueError(
                 f"method {method!r} has no eigen_smooth form; methods with one: "
                 + ", ".join(smoothable)

@@ -10,17 +10,19 @@ compositions (several layers, augmentations, meta-methods) run :class:`LayerExpl
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import record_function
 
 from . import postprocess
 from .gradients import ForwardRecord, explained_gradients, forward_record
 from .layout import Reshape, gradients_to_nchw, to_nchw
-from .methods import Context, Method, MethodOptions, first_component
+from .methods import Context, Method, MethodOptions
 from .model import CAMModel, select_output
 from .targets import Resolved, Targets, is_class_ids, resolve
 
@@ -183,13 +185,17 @@ class LayerExplainer:
     def __call__(self, x: Tensor, targets: Targets | Resolved) -> LayerMaps:
         """The maps of one batch ``x`` (B, C, *S) for ``targets``: :class:`LayerMaps`."""
         method, class_ids = self.method, is_class_ids(targets)
-        record = forward_record(
-            self.cam_model,
-            x,
-            closed_form=self.closed_form and not method.needs_head_graph,
-            class_ids=class_ids,
-            graph=method.needs_gradients or method.needs_head_graph,
-        )
+        # the attention kernel is picked when the graph is built: the fused ones have no
+        # double backward
+        kernels = sdpa_kernel(SDPBackend.MATH) if method.double_backward else nullcontext()
+        with kernels:
+            record = forward_record(
+                self.cam_model,
+                x,
+                closed_form=self.closed_form and not method.needs_head_graph,
+                class_ids=class_ids,
+                graph=method.needs_gradients or method.needs_head_graph,
+            )
         if method.needs_gap_head:  # the head's structure, whether its closed form is used or not
             gap = self.cam_model.gap_linear
             if gap is None or not gap.applies(record.features):
@@ -223,7 +229,7 @@ class LayerExplainer:
             )
             if self.eigen_smooth:
                 with torch.no_grad():
-                    out_cams, guided = first_component(method.smooth(ctx)).relu(), None
+                    out_cams, guided = method.eigen_smoothed(ctx), None
             else:
                 out = method.run(ctx)
                 out_cams, guided = out.cams, out.guided

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import inspect
 import io
 import math
 import threading
@@ -91,12 +92,22 @@ def tracing() -> Iterator[None]:
 
 
 class _ModuleOutputTracer(NodePathTracer):
-    """torchvision's ``NodePathTracer`` that also records the output node of every module call."""
+    """torchvision's ``NodePathTracer`` that also records the output node of every module call
+    and traces into the leaf modules (torchvision's op blocks) that hold the module ``inside``."""
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, inside: str | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.inside = inside
         self.module_outputs: dict[str, fx.Node] = {}
         self.module_calls: dict[str, int] = {}
+
+    def is_leaf_module(self, m: nn.Module, module_qualname: str) -> bool:
+        # an op block kept whole would hide the requested layer (features.18.0 in MobileNetV2):
+        # FX's own rule decides for it instead (torch.nn modules stay leaves)
+        holds = self.inside is not None and self.inside.startswith(module_qualname + ".")
+        if holds and isinstance(m, tuple(self.leaf_modules)):
+            return fx.Tracer.is_leaf_module(self, m, module_qualname)
+        return super().is_leaf_module(m, module_qualname)
 
     def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
         out = super().call_module(m, forward, args, kwargs)
@@ -161,9 +172,18 @@ class Graph:
         return min(modules, key=lambda m: m.count(".")) if modules else node.name
 
 
-def _trace_fx(model: nn.Module) -> Graph:
-    tracer = _ModuleOutputTracer(**_tracer_kwargs())
-    graph = tracer.trace(model)
+def _defaults(model: nn.Module) -> dict[str, Any]:
+    """The parameters of ``model.forward`` after the first that have defaults, bound to them: the
+    engine calls the model with its input alone, so optional inputs take their defaults (an
+    ``x2=None`` branch is traced as not taken)."""
+    params = list(inspect.signature(model.forward).parameters.values())[1:]
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {p.name: p.default for p in params if p.kind in kinds and p.default is not p.empty}
+
+
+def _trace_fx(model: nn.Module, inside: str | None) -> Graph:
+    tracer = _ModuleOutputTracer(inside, **_tracer_kwargs())
+    graph = tracer.trace(model, concrete_args=_defaults(model) or None)
     gm = fx.GraphModule(tracer.root, graph, model.__class__.__name__)
     # node objects were copied into gm's graph by name; map them back.
     by_name = {n.name: n for n in gm.graph.nodes}
@@ -227,8 +247,13 @@ def _trace_export(model: nn.Module, example: Tensor) -> Graph:
     return Graph(gm, "export", names, module_names)
 
 
-def trace(model: nn.Module, example: Tensor | None = None) -> tuple[Graph | None, list[str]]:
+def trace(
+    model: nn.Module, example: Tensor | None = None, inside: str | None = None
+) -> tuple[Graph | None, list[str]]:
     """Trace ``model`` with FX, else with ``torch.export`` (which needs ``example``).
+
+    FX keeps torchvision's op blocks (``Conv2dNormActivation``, ``MLP``, ...) whole, except
+    those holding the module named ``inside`` (a requested target layer), which it traces into.
 
     Runs inside :func:`tracing`: one trace at a time in the process, and other threads may keep
     calling ``model`` meanwhile.
@@ -239,7 +264,7 @@ def trace(model: nn.Module, example: Tensor | None = None) -> tuple[Graph | None
     failures = []
     with tracing():
         try:
-            return _trace_fx(model), failures
+            return _trace_fx(model, inside), failures
         except Exception as exc:  # any tracing error means "use the next strategy"
             failures.append(f"torch.fx: {type(exc).__name__}: {first_line(exc)}")
         if example is not None:

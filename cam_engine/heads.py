@@ -34,8 +34,12 @@ class HeadOp:
         kind: what the op does:
 
             - ``"pool"``: ``module`` is the pooling (``MaxPool2d``, ``AvgPool2d``,
-              ``AdaptiveAvgPool2d``, ``AdaptiveMaxPool2d``; a functional ``adaptive_avg_pool2d``
-              or a mean over (h, w) as an ``AdaptiveAvgPool2d``);
+              ``AdaptiveAvgPool2d``, ``AdaptiveMaxPool2d``, ``AdaptiveAvgPool3d``; a functional
+              ``adaptive_avg_pool2d`` / ``3d`` or a mean over (h, w) as an
+              ``AdaptiveAvgPool2d``);
+            - ``"conv1x1"``: ``module`` is an ``nn.Conv2d`` / ``nn.Conv3d`` with a kernel of ones,
+              stride 1, no padding and one group: a linear map of the channels at every
+              position;
             - ``"channel-norm"``: a LayerNorm over the channels of a (B, C, h, w) map
               (``LayerNorm2d``, or ``permute -> layer_norm -> permute``); ``module`` is the
               ``nn.LayerNorm`` of the last dimension with the same parameters;
@@ -54,7 +58,14 @@ class HeadOp:
     """
 
     kind: Literal[
-        "pool", "channel-norm", "flatten", "dropout", "linear", "layer-norm", "activation"
+        "pool",
+        "conv1x1",
+        "channel-norm",
+        "flatten",
+        "dropout",
+        "linear",
+        "layer-norm",
+        "activation",
     ]
     module: nn.Module | None
     where: str
@@ -113,10 +124,12 @@ def read_head(head: fx.GraphModule) -> HeadChain:
 
 @dataclass
 class GapLinear:
-    """A head ``features -> global average pool -> [flatten | dropout]* -> linear``.
+    """A head ``features -> global average pool -> [flatten | dropout]* -> linear`` of a map of
+    any rank (B, C, *s), or with a 1x1 convolution in place of the linear layer, before or after
+    the pool: ``W @ mean_s(A)`` either way.
 
     Attributes:
-        weight: (N, C) rows of the final linear layer.
+        weight: (N, C) rows of the linear layer (of the 1x1 convolution's kernel).
         avg_pools: ``AvgPool2d`` modules of the head; global only if their kernel covers the map.
         dropouts: dropout modules of the head; the head is affine only while they are inactive.
     """
@@ -145,25 +158,41 @@ class GapLinear:
         return rows[(...,) + (None,) * len(spatial)].expand(*rows.shape, *spatial)
 
 
+def _global_average(module: nn.Module | None) -> bool:
+    """An average pool that may cover the whole map (checked on the map by ``applies``)."""
+    if isinstance(module, nn.AdaptiveAvgPool2d | nn.AdaptiveAvgPool3d):
+        size = module.output_size
+        return all(s == 1 for s in (size if isinstance(size, tuple | list) else (size,)))
+    return isinstance(module, nn.AvgPool2d)
+
+
 def find_gap_linear(head: fx.GraphModule) -> GapLinear | None:
-    """The head's :class:`GapLinear` form, or ``None`` when it is anything else."""
+    """The head's :class:`GapLinear` form, or ``None`` when it is anything else.
+
+    One global average pool and one linear map of the channels: an ``nn.Linear`` after the pool
+    and a flatten, or a 1x1 convolution before or after the pool; flattens (after the pool) and
+    dropouts anywhere.
+    """
     chain = read_head(head)
-    if chain.stop is not None or len(chain.ops) < 2:
+    if chain.stop is not None:
         return None
-    pool, *middle, last = chain.ops
-    adaptive = isinstance(pool.module, nn.AdaptiveAvgPool2d)
-    global_average = isinstance(pool.module, nn.AvgPool2d) or (
-        adaptive and _pair(pool.module.output_size) == (1, 1)
-    )
-    if pool.kind != "pool" or not global_average or last.kind != "linear":
+    pool, weight, flat, dropouts = None, None, False, []
+    for op in chain.ops:
+        if op.kind == "pool" and pool is None and not flat and _global_average(op.module):
+            pool, flat = op.module, op.flattens
+        elif op.kind == "conv1x1" and weight is None and not flat:
+            weight = op.module.weight.flatten(1)
+        elif op.kind == "linear" and weight is None and flat:
+            weight = op.module.weight
+        elif op.kind == "flatten" and pool is not None:
+            flat = True
+        elif op.kind == "dropout":
+            dropouts += [op.module] if op.module is not None else []
+        else:
+            return None
+    if pool is None or weight is None:
         return None
-    if any(op.kind not in ("flatten", "dropout") for op in middle):
-        return None
-    return GapLinear(
-        last.module.weight,
-        [] if adaptive else [pool.module],
-        [op.module for op in middle if op.module is not None],
-    )
+    return GapLinear(weight, [pool] if isinstance(pool, nn.AvgPool2d) else [], dropouts)
 
 
 # One op ------------------------------------------------------------------------------------------
@@ -175,7 +204,7 @@ def _read_op(
     """The op starting at ``node`` and its last node (a traced channel norm spans three)."""
     if (channel_norm := _channel_norm(node, head, modules)) is not None:
         return channel_norm
-    for read in (_pool, _flatten, _dropout, _linear, _layer_norm, _activation):
+    for read in (_pool, _conv1x1, _flatten, _dropout, _linear, _layer_norm, _activation):
         if (op := read(node, head, modules)) is not None:
             return op, node
     return None
@@ -216,7 +245,13 @@ def _parameter(head: fx.GraphModule, node) -> nn.Parameter | None:
         return None
 
 
-_POOLS = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+_POOLS = (
+    nn.MaxPool2d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d,
+    nn.AdaptiveAvgPool3d,
+)
 
 
 def _pool(node: fx.Node, head: fx.GraphModule, modules: dict[str, nn.Module]) -> HeadOp | None:
@@ -225,17 +260,34 @@ def _pool(node: fx.Node, head: fx.GraphModule, modules: dict[str, nn.Module]) ->
         module = modules[node.target]
         return HeadOp("pool", module, where) if isinstance(module, _POOLS) else None
     name = _name(node)
-    if name == "adaptive_avg_pool2d":
+    pools = {
+        "adaptive_avg_pool2d": nn.AdaptiveAvgPool2d,
+        "adaptive_avg_pool3d": nn.AdaptiveAvgPool3d,
+    }
+    if name in pools:
         size = _arg(node, 1, "output_size")
         sizes = size if isinstance(size, tuple | list) else (size,)
         if all(s is None or isinstance(s, int) for s in sizes):
-            return HeadOp("pool", nn.AdaptiveAvgPool2d(size), where)
+            return HeadOp("pool", pools[name](size), where)
     if name == "mean" and node.op in ("call_method", "call_function"):
         dims = _arg(node, 1, "dim")
         dims = (dims,) if isinstance(dims, int) else tuple(dims or ())
         if all(isinstance(d, int) for d in dims) and sorted(d % 4 for d in dims) == [2, 3]:
             keep = bool(_arg(node, 2, "keepdim", False))
             return HeadOp("pool", nn.AdaptiveAvgPool2d(1), where, flattens=not keep)
+    return None
+
+
+def _conv1x1(node: fx.Node, head: fx.GraphModule, modules: dict[str, nn.Module]) -> HeadOp | None:
+    if node.op != "call_module" or not isinstance(
+        conv := modules[node.target], nn.Conv2d | nn.Conv3d
+    ):
+        return None
+    ones = all(k == 1 for k in conv.kernel_size) and all(s == 1 for s in conv.stride)
+    # "same" and "valid" pad nothing with a 1x1 kernel
+    unpadded = isinstance(conv.padding, str) or all(p == 0 for p in conv.padding)
+    if ones and unpadded and conv.groups == 1:
+        return HeadOp("conv1x1", conv, _describe(node, modules))
     return None
 
 

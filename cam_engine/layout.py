@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 from torch import Tensor
 
-__all__ = ["Reshape", "check_reshape", "to_nchw", "gradients_to_nchw"]
+__all__ = ["Reshape", "check_reshape", "token_grid", "to_nchw", "gradients_to_nchw"]
 
 Reshape = str | Callable[[Tensor], Tensor] | None
 _RESHAPES = ("vit", "swin", "none")
@@ -24,7 +24,7 @@ def check_reshape(reshape: Reshape) -> None:
         raise ValueError(f"unknown reshape {reshape!r}; use 'vit', 'swin', 'none' or a callable")
 
 
-def _grid(tokens: int, size: tuple[int, int]) -> tuple[int, int] | None:
+def token_grid(tokens: int, size: tuple[int, int]) -> tuple[int, int] | None:
     """(h, w) with h*w == tokens and h/w equal to the image's aspect ratio, if any."""
     height, width = size
     h = round(math.sqrt(tokens * height / width))
@@ -56,7 +56,7 @@ def to_nchw(features: Tensor, reshape: Reshape, image_size: tuple[int, int]) -> 
         # inferred: the fewest prefix tokens (class, distillation, registers) leaving a grid
         prefixes = (1,) if reshape == "vit" else range(0, min(9, features.shape[1] - 3))
         for prefix in prefixes:
-            grid = _grid(features.shape[1] - prefix, image_size)
+            grid = token_grid(features.shape[1] - prefix, image_size)
             if grid is not None:
                 tokens = features[:, prefix:]
                 return tokens.reshape(features.shape[0], *grid, -1).permute(0, 3, 1, 2)

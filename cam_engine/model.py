@@ -278,7 +278,7 @@ class CAMModel(nn.Module):
         return torch.zeros(2, *shape, **kwargs)
 
     def _build(self, example: Tensor) -> SplitRunner:
-        graph, notes = trace(self.model, example)
+        graph, notes = trace(self.model, example, inside=self._requested)
         if graph is not None:
             node = self._target_node(graph, example)
             parts = split(graph, node)

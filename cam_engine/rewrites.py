@@ -14,6 +14,7 @@ from __future__ import annotations
 import operator
 from dataclasses import dataclass
 from functools import partial
+from itertools import pairwise
 
 import torch
 import torch.fx as fx
@@ -156,8 +157,9 @@ def _blocks(model: nn.Module, graph: Graph, layer: str) -> list[str]:
 
     ``layer`` is the engine's name for the target, the outermost module computing it (the last
     block's output is named ``encoder.layers``), so every name of its graph node is tried. A
-    block is a module with an ``nn.MultiheadAttention`` child; its siblings in the enclosing
-    ``nn.Sequential`` (torchvision's ``encoder.layers``) run one after the other.
+    block is a module with an ``nn.MultiheadAttention`` child; its later siblings in the
+    enclosing ``nn.Sequential`` (torchvision's ``encoder.layers``) or ``nn.ModuleList`` must run
+    one after the other, each on the previous one's output (read from the graph).
     """
     modules = dict(model.named_modules())
     node = graph.names.get(layer)
@@ -171,28 +173,41 @@ def _blocks(model: nn.Module, graph: Graph, layer: str) -> list[str]:
         )
     parent, _, child = block.rpartition(".")
     container = modules[parent] if parent else model
-    if not isinstance(container, nn.Sequential):
-        raise ValueError(f"legrad chains the blocks of an nn.Sequential; {parent!r} is not one")
+    if not isinstance(container, nn.Sequential | nn.ModuleList):
+        raise ValueError(
+            f"legrad chains the blocks of an nn.Sequential or nn.ModuleList; {parent!r} is not one"
+        )
     names = list(dict(container.named_children()))
     later = [f"{parent}.{name}" if parent else name for name in names[names.index(child) :]]
     if any(attention_child(modules[name]) is None for name in later):
         raise ValueError(f"every module of {parent!r} after {block!r} must be an attention block")
+    for before, after in pairwise(later):
+        if graph.names.get(before) is not _input_of(graph, after):
+            raise ValueError(f"legrad needs {after!r} to run on the output of {before!r}")
     return later
+
+
+def _input_of(graph: Graph, block: str) -> fx.Node:
+    """The one node from outside ``block`` that the block's nodes read."""
+    inside = {n for name, n in graph.names.items() if name == block or name.startswith(block + ".")}
+    entry = {i for n in inside for i in n.all_input_nodes if i not in inside and i.op != "get_attr"}
+    if len(entry) != 1:
+        raise ValueError(f"cannot find the single input of block {block!r}")
+    return entry.pop()
 
 
 def _entry(graph: Graph, block: str) -> fx.GraphModule:
     """``x -> (tokens, ...)``: the model up to the input of ``block``."""
-    inside = {n for name, n in graph.names.items() if name.startswith(block + ".")}
-    entry = {i for n in inside for i in n.all_input_nodes if i not in inside and i.op != "get_attr"}
-    if len(entry) != 1:
-        raise ValueError(f"cannot find the single input of block {block!r}")
-    return split(graph, entry.pop()).trunk
+    return split(graph, _input_of(graph, block)).trunk
 
 
 def _check_attention(attention: nn.MultiheadAttention, name: str) -> None:
     """torchcam's conditions: batch-first, packed Q/K/V projections, no added keys, no dropout."""
     if not attention.batch_first or attention.in_proj_weight is None:
-        raise ValueError(f"legrad needs {name}'s attention batch-first with packed Q/K/V weights")
+        raise ValueError(
+            f"legrad needs {name}'s attention batch-first with packed Q/K/V weights "
+            "(kdim = vdim = embed_dim)"
+        )
     if attention.bias_k is not None or attention.add_zero_attn:
         raise ValueError(f"legrad does not support added attention keys in {name}")
     if attention.training and attention.dropout > 0:

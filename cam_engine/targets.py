@@ -7,8 +7,9 @@
 - a sequence, NumPy array or tensor of integers, (B,): one class per image, or (B, K): K classes
   per image (bools and floats are refused, not read as class ids);
 - :class:`TopK` / :class:`BottomK`: the k highest / lowest scoring classes;
-- a score target: :class:`SoftmaxScore`, :class:`BinaryScore`, :class:`SegmentationScore`, or
-  any function ``output -> scores (B, K)`` (or (B,)) of the model's (selected) output.
+- a score target: :class:`SoftmaxScore`, :class:`ReSTScore`, :class:`BinaryScore`,
+  :class:`SegmentationScore`, or any function ``output -> scores (B, K)`` (or (B,)) of the
+  model's (selected) output.
 
 Class ids are the fast path: their gradient is a one-hot ``grad_outputs`` (or, on
 global-average-pool -> linear heads, the closed form); score targets take one backward of their
@@ -29,6 +30,7 @@ __all__ = [
     "BottomK",
     "Target",
     "SoftmaxScore",
+    "ReSTScore",
     "BinaryScore",
     "SegmentationScore",
     "Targets",
@@ -100,6 +102,25 @@ class SoftmaxScore(Target):
     def resolve(self, output: Tensor) -> Resolved:
         classes = resolve_classes(self.targets, output)
         return Resolved(classes, lambda out, rows: out.softmax(-1).gather(1, classes[rows]), False)
+
+
+@dataclass(frozen=True)
+class ReSTScore(Target):
+    """The logit minus the cross-entropy of the classes chosen by ``targets`` (any class-id
+    target): ``2 y_c - logsumexp(y)``, pre- and post-softmax together (Zhang et al., 2025).
+
+    pytorch-grad-cam's ``ClassifierOutputReST``.
+    """
+
+    targets: None | int | Sequence[int] | Tensor | TopK | BottomK = None
+
+    def resolve(self, output: Tensor) -> Resolved:
+        classes = resolve_classes(self.targets, output)
+
+        def scores(out: Tensor, rows: Tensor) -> Tensor:
+            return 2 * out.gather(1, classes[rows]) - out.logsumexp(-1, keepdim=True)
+
+        return Resolved(classes, scores, False)
 
 
 @dataclass(frozen=True)

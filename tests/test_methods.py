@@ -185,7 +185,7 @@ def test_aug_smooth_matches_pytorch_grad_cam(vgg11_bn, method, eigen):
 
 def test_eigen_smooth_rejected_where_undefined(resnet18):
     with pytest.raises(ValueError, match="eigen_smooth form"):
-        ce.CAMEngine(resnet18, "layer4", "fullgrad", eigen_smooth=True)
+        ce.CAMEngine(resnet18, "layer4", "guided-backprop", eigen_smooth=True)
 
 
 # 3. perturbation methods --------------------------------------------------------------------------

@@ -240,7 +240,7 @@ def test_cnn_methods_reject_bad_options(method, options, match):
     ("options", "match"),
     [
         ({"prefix_tokens": -1}, "non-negative int"),
-        ({"prefix_tokens": 0}, "do not fill the target layer's"),
+        ({"prefix_tokens": 0}, "do not fill a grid"),
         ({"projection": "heads"}, "projection must be a function"),
     ],
 )

@@ -32,7 +32,7 @@ from ._registry import (
     spatial_sum,
     weighted_sum,
 )
-from .activation import FemOptions, KpcaOptions, fem, kpca_cam
+from .activation import FemOptions, KpcaOptions, RandomOptions, fem, kpca_cam, randomcam
 from .cam import cam
 from .fullgrad import fullgrad
 from .gradcam import gradcam
@@ -78,6 +78,7 @@ __all__ = [
     "weighted_sum",
     "FemOptions",
     "KpcaOptions",
+    "RandomOptions",
     "FinerOptions",
     "LegradOptions",
     "NoiseOptions",
@@ -100,6 +101,7 @@ __all__ = [
     "GuidedReLU",
     "fem",
     "kpca_cam",
+    "randomcam",
     "shapleycam",
     "finercam",
     "finer_scores",

@@ -201,10 +201,16 @@ class Method:
         run: ``(ctx) -> MethodOutput``.
         smooth: ``(ctx) -> (B, K, C, *s)`` weighted activations for ``eigen_smooth``; ``None``
             when the method has no such form.
+        eigen_map: ``(ctx) -> (B, K, *s)``: the maps under ``eigen_smooth`` of a method that
+            defines them itself (pytorch-grad-cam's FullGrad, KPCA-CAM), instead of the first
+            component of ``smooth``.
         options: the method's options class.
         needs_gradients: the engine computes dScore/dA of the explained targets into
             :attr:`Context.gradients` (closed form where it applies).
         needs_head_graph: the engine keeps the head's graph in :attr:`Context.head_graph`.
+        double_backward: the method differentiates the head's gradients again, so the head runs
+            with kernels that have a double backward (the math attention kernel: the fused
+            ones on the CPU have none).
         needs_gap_head: defined only for global-average-pool -> linear heads (classic CAM).
         two_d_only: defined for 2-D images only.
         composition: the method runs other engine calls (several layers, crops): it is
@@ -214,12 +220,26 @@ class Method:
     name: str
     run: RunFn
     smooth: Callable[[Context], Tensor] | None = None
+    eigen_map: Callable[[Context], Tensor] | None = None
     options: type[MethodOptions] = MethodOptions
     needs_gradients: bool = False
     needs_head_graph: bool = False
+    double_backward: bool = False
     needs_gap_head: bool = False
     two_d_only: bool = False
     composition: bool = False
+
+    @property
+    def smoothable(self) -> bool:
+        """The method has an ``eigen_smooth`` form."""
+        return self.smooth is not None or self.eigen_map is not None
+
+    def eigen_smoothed(self, ctx: Context) -> Tensor:
+        """The maps (B, K, *s) with ``eigen_smooth``: :attr:`eigen_map`, else the ReLU of the
+        first principal component of :attr:`smooth`."""
+        if self.eigen_map is not None:
+            return self.eigen_map(ctx)
+        return first_component(self.smooth(ctx)).relu()
 
 
 _METHODS: dict[str, Method] = {}

@@ -1,4 +1,5 @@
-"""Activation-only methods of pytorch-grad-cam 1.5.7: FEM and KPCA-CAM (class-agnostic maps)."""
+"""Activation-only methods of pytorch-grad-cam 1.5.7: FEM and KPCA-CAM (class-agnostic maps), and
+RandomCAM, the metrics' sanity baseline."""
 
 from __future__ import annotations
 
@@ -36,6 +37,32 @@ class KpcaOptions(MethodOptions):
             check_number("gamma", self.gamma, positive=True)
 
 
+@dataclass(frozen=True)
+class RandomOptions(MethodOptions):
+    """``generator``: a ``torch.Generator`` on the input's device for reproducible weights
+    (default: the global RNG)."""
+
+    generator: torch.Generator | None = None
+
+    def __post_init__(self) -> None:
+        if self.generator is not None and not isinstance(self.generator, torch.Generator):
+            raise ValueError(f"generator must be a torch.Generator, got {self.generator!r}")
+
+
+@register_weights("randomcam", options=RandomOptions)
+def randomcam(ctx: Context) -> Tensor:
+    """pytorch-grad-cam's ``RandomCAM``: channel weights drawn uniformly in [-1, 1), one draw
+    (``torch.rand``, in the map's dtype) per image and target; a baseline for the metrics.
+
+    Returns:
+        weights (B, K, C).
+    """
+    a = ctx.activations
+    shape = (*ctx.classes.shape, a.shape[1])
+    draw = torch.rand(shape, generator=ctx.options.generator, dtype=a.dtype, device=a.device)
+    return 2 * draw - 1
+
+
 @register_weights("fem", options=FemOptions)
 def fem(ctx: Context) -> Tensor:
     """FEM, Feature Explanation Method (Fuad et al., 2020): ``w_c`` is the fraction of positions
@@ -67,7 +94,12 @@ def _kernel(rows: Tensor, kernel: str, gamma: float) -> Tensor:
     )
 
 
-@register("kpca-cam", options=KpcaOptions)
+def _kpca_eigen_map(ctx: Context) -> Tensor:
+    """pytorch-grad-cam ignores ``eigen_smooth`` for KPCA-CAM: its map is a projection already."""
+    return kpca_cam(ctx)
+
+
+@register("kpca-cam", options=KpcaOptions, eigen_map=_kpca_eigen_map)
 def kpca_cam(ctx: Context) -> Tensor:
     """KPCA-CAM (Karmani et al., 2024): the first kernel principal component of the positions.
 

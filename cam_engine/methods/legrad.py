@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..gradients import target_gradients
+from ..layout import token_grid
 from ..rewrites import AttentionBlock, attention_blocks
 from ._registry import Context, MethodOptions, register
 
@@ -79,7 +80,16 @@ def _relevance(
     attended = attended.detach().requires_grad_(True)
     with torch.enable_grad():
         out = block.tail(attended, *extras)
-        grads = target_gradients(ctx.scores(project(out), rows), attended)  # (B, K, T, D)
+        if out.shape[:2] != tokens.shape[:2]:
+            raise ValueError(
+                f"legrad needs blocks that keep their tokens: one maps {tuple(tokens.shape)} "
+                f"to {tuple(out.shape)}"
+            )
+        logits = project(out)
+        if not isinstance(logits, Tensor) or logits.ndim != 2 or len(logits) != len(out):
+            shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+            raise ValueError(f"legrad's projection must return logits (B, N), got {shape}")
+        grads = target_gradients(ctx.scores(logits, rows), attended)  # (B, K, T, D)
     with torch.no_grad():
         dim, bias = attention.embed_dim, attention.in_proj_bias
         values = F.linear(
@@ -115,10 +125,11 @@ def legrad(ctx: Context) -> Tensor:
         relevance, tokens = _relevance(ctx, block, tokens, project)
         total = total + relevance
     keys = total[..., prefix:] / len(blocks)
-    grid = ctx.activations.shape[2:]
-    if keys.shape[-1] != grid.numel():
+    # the grid of the keys left, not the target map's: its layout guesses the prefix
+    grid = token_grid(keys.shape[-1], ctx.image_size) if keys.shape[-1] else None
+    if grid is None:
         raise ValueError(
-            f"{total.shape[-1]} tokens less prefix_tokens={prefix} do not fill the target "
-            f"layer's {tuple(grid)} grid"
+            f"{total.shape[-1]} tokens less prefix_tokens={prefix} do not fill a grid of the "
+            f"image's aspect ratio {ctx.image_size}"
         )
     return keys.unflatten(-1, grid)

@@ -57,7 +57,7 @@ class FinerOptions(MethodOptions):
             )
 
 
-@register_weights("shapleycam", needs_head_graph=True)
+@register_weights("shapleycam", needs_head_graph=True, double_backward=True)
 def shapleycam(ctx: Context) -> Tensor:
     """ShapleyCAM (Cai et al., 2025): ``w = mean over positions of (g - H A / 2)``, ``g`` = dS/dA,
     ``H A`` the Hessian of the score with respect to ``A`` times ``A``.

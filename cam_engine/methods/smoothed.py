@@ -2,9 +2,10 @@
 
 Options (``CAMEngine(method_options=...)``, :class:`NoiseOptions`): ``num_samples``, ``std``
 (noise), and ``generator`` (a ``torch.Generator`` on the input's device) to make the noise
-reproducible; without one the global RNG is used. The noise is drawn in the input's dtype, one
-``torch.randn`` call per pass (Smooth Grad-CAM++: the (B, C, H, W) input noise; SS-CAM: the
-(n, 1, H, W) mask noise of each chunk of ``batch_size`` masks).
+reproducible; without one the global RNG is used. As in torchcam, the noise is drawn in float32
+(then cast to the input's dtype), one ``torch.randn`` call per pass, whatever ``batch_size``
+(Smooth Grad-CAM++: the (B, C, H, W) input noise; SS-CAM: the (B, C', H, W) noise of all the
+upsampled masks, C' the target map's channels).
 """
 
 from __future__ import annotations
@@ -67,8 +68,11 @@ class ISCamOptions(MethodOptions):
 
 
 def _noise(ctx: Context, shape: tuple[int, ...], std: float) -> Tensor:
-    x = ctx.x
-    return torch.randn(shape, generator=ctx.options.generator, dtype=x.dtype, device=x.device) * std
+    """N(0, std^2) of ``shape`` drawn (and scaled) in float32 as torchcam's ``Normal.sample``, in
+    the input's dtype."""
+    x, generator = ctx.x, ctx.options.generator
+    noise = torch.randn(shape, generator=generator, dtype=torch.float32, device=x.device) * std
+    return noise.to(x.dtype)
 
 
 @register("smoothgradcam++", options=NoiseOptions)
@@ -106,13 +110,18 @@ def smoothgradcam_plus_plus(ctx: Context) -> Tensor:
 
 
 def _mask_weights(
-    ctx: Context, passes: int, masked: Callable[[int, Tensor, Tensor], Tensor]
+    ctx: Context,
+    passes: int,
+    masked: Callable[[int, Tensor, Tensor], Tensor],
+    mask_std: float | None = None,
 ) -> Tensor:
     """torchcam's Score-CAM weights averaged over ``passes``: softmax over channels of the mean
     of ``score(masked(pass, x_rows, masks)) - score(x)``.
 
     Each channel of ``A`` is min-max normalised, upsampled to the input size (half-pixel centres,
-    unlike pytorch-grad-cam's Score-CAM) and handed to ``masked`` ``ctx.batch_size`` at a time.
+    unlike pytorch-grad-cam's Score-CAM), given N(0, mask_std^2) noise when ``mask_std`` is set
+    (one draw of all the masks' noise per pass) and handed to ``masked`` ``ctx.batch_size`` at a
+    time.
 
     Returns:
         weights (B, K, C).
@@ -126,9 +135,14 @@ def _mask_weights(
     with torch.no_grad():
         for n in range(passes):
             scores = []
+            noise = (
+                None if mask_std is None else _noise(ctx, (batch, channels, *x.shape[2:]), mask_std)
+            )
             for idx in _chunks(batch * channels, ctx.batch_size, x.device):
                 rows, chans = idx // channels, idx % channels
                 masks = F.interpolate(low[rows, chans][:, None], x.shape[2:], mode=mode)
+                if noise is not None:
+                    masks = masks + noise[rows, chans][:, None]
                 out = ctx.split.predict(masked(n, x[rows], masks))
                 scores.append(ctx.scores(out, rows) - baseline[rows])
             total = total + torch.cat(scores)
@@ -144,12 +158,11 @@ def sscam(ctx: Context) -> Tensor:
     Returns:
         weights (B, K, C).
     """
-    std = ctx.options.std
 
     def masked(_: int, images: Tensor, masks: Tensor) -> Tensor:
-        return images * (masks + _noise(ctx, tuple(masks.shape), std))
+        return images * masks
 
-    return _mask_weights(ctx, ctx.options.num_samples, masked)
+    return _mask_weights(ctx, ctx.options.num_samples, masked, ctx.options.std)
 
 
 @register_weights("iscam", options=ISCamOptions)
