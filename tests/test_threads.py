@@ -184,9 +184,9 @@ def count_traces(monkeypatch) -> list[int]:
     """The input width of every trace the CAMModels make from now on."""
     widths, trace = [], model_module.trace
 
-    def counted(model, example=None):
+    def counted(model, example=None, **options):
         widths.append(example.shape[-1])
-        return trace(model, example)
+        return trace(model, example, **options)
 
     monkeypatch.setattr(model_module, "trace", counted)
     return widths
