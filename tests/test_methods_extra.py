@@ -294,7 +294,8 @@ def check_family(model, x, layer, size):
         assert (res.heatmaps.flatten(2).amax(-1) == 1).all(), method  # no map is all zeros
         if method == "gradcam":  # the target map is NCHW for both: no reshape_transform
             expected = pgc_maps(pgc.GradCAM, model, layer, x, res.classes[:, 0])
-            assert_close(res.heatmaps[:, 0], expected, atol=HEATMAP_TOL, rtol=0)
+            got = res.heatmaps[:, 0].to(expected.dtype)
+            assert_close(got, expected, atol=HEATMAP_TOL, rtol=0)
 
 
 def test_convnext_with_every_gradient_method():
@@ -303,5 +304,7 @@ def test_convnext_with_every_gradient_method():
 
 @pytest.mark.slow
 def test_maxvit_with_every_gradient_method():
-    """maxvit_t at its minimum input size, 224 (7x7 windows in the last stage)."""
-    check_family(built("maxvit_t", 224), images(1, 224), "blocks.3", (224, 224))
+    """maxvit_t at its minimum input size, 224 (7x7 windows in the last stage), in float32:
+    the family checks and the 1e-4 parity hold there, at half the cost of float64."""
+    model = make_model("maxvit_t", size=224, dtype=torch.float32)
+    check_family(model, images(1, 224, dtype=torch.float32), "blocks.3", (224, 224))
