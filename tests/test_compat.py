@@ -36,6 +36,14 @@ with {method}(model=model, target_layers=target_layers) as cam:
 """
 
 
+@pytest.fixture(autouse=True)
+def _no_grads_left(resnet18):
+    """pytorch-grad-cam's backward leaves .grad on the shared resnet18; later tests check that
+    the engine leaves none, so they are dropped after each test."""
+    yield
+    resnet18.zero_grad(set_to_none=True)
+
+
 def _run(imports: str, code: str, **names) -> dict:
     scope = dict(names)
     exec(imports + code, scope)  # noqa: S102 - the examples are this file's own text
