@@ -250,11 +250,11 @@ def test_smoothgradcampp_matches_torchcam(request, name, layer):
 
 @pytest.mark.parametrize("method", ["sscam", "iscam"])
 def test_sscam_iscam_match_torchcam(resnet18, method):
-    x, layer, samples = images(2, 32), "layer2", 3
+    x, layer, samples = images(2, 32), "layer1", 3
     options = {"num_samples": samples}
     if method == "sscam":  # IS-CAM draws no noise
         options["generator"] = torch.Generator().manual_seed(9)
-    # chunks of 37 of the 2 x 128 masks: the noise is still one draw per pass, as torchcam's
+    # chunks of 37 of the 2 x 64 masks: the noise is still one draw per pass, as torchcam's
     engine = ce.CAMEngine(resnet18, layer, method, batch_size=37, method_options=options)
     res = engine(x, [4, 2])
     cls = {"sscam": tc.SSCAM, "iscam": tc.ISCAM}[method]
