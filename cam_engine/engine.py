@@ -178,13 +178,9 @@ class CAMEngine:
                 x = x.clone()
             if self.aug_smooth:
                 return compose.aug_smooth(
-                    self._explain, self._predict, lambda out: resolve(targets, out), x
+                    self._explain, self.cam_model.predict, lambda out: resolve(targets, out), x
                 )
             return self._explain(x, targets)
-
-    def _predict(self, x: Tensor) -> Tensor:
-        with torch.no_grad():
-            return self.cam_model(x)[0]
 
     def _explain(self, x: Tensor, targets: Targets | Resolved) -> CAMResult:
         size = tuple(x.shape[2:])
@@ -198,7 +194,7 @@ class CAMEngine:
     def _compose(self, x: Tensor, targets: Targets | Resolved) -> CAMResult:
         """A meta-method's maps: its composition over base calls, at each target layer."""
         size = tuple(x.shape[2:])
-        logits = self._predict(x)
+        logits = self.cam_model.predict(x)
         resolved = targets if isinstance(targets, Resolved) else resolve(targets, logits)
         results = []
         for cam_model in self.models:
@@ -209,7 +205,7 @@ class CAMEngine:
                 batch_size=self.batch_size,
                 target_layer=cam_model.target_layer,
                 base=lambda layer, m=cam_model: self._base(m, layer),
-                predict=self._predict,
+                predict=self.cam_model.predict,
             )
             cams = compose.COMPOSITIONS[self.method.name](call)
             cams = cams.expand(*resolved.classes.shape, *cams.shape[2:])

@@ -114,8 +114,7 @@ class _SplitAccess:
         self._extras: list[Any] | None = None
 
     def predict(self, inputs: Tensor) -> Tensor:
-        with torch.no_grad():
-            return self._cam_model(inputs)[0]
+        return self._cam_model.predict(inputs)
 
     def head(self, maps: Tensor, rows: Tensor) -> Tensor:
         # the trunk values the head needs besides the map (a residual or class token crossing

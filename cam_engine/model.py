@@ -339,6 +339,11 @@ class CAMModel(nn.Module):
         ]
         return default_target(graph.module, norms)
 
+    def predict(self, x: Tensor) -> Tensor:
+        """The selected model output (the logits) for ``x``, without autograd."""
+        with torch.no_grad():
+            return self(x)[0]
+
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """Returns ``(logits (B, N), features)``; features as the target layer outputs them."""
         runner = self.current(x)
