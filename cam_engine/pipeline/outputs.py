@@ -28,7 +28,9 @@ __all__ = [
     "write_skipped",
 ]
 
-PREDICTION_COLUMNS = ["image", "class_id", "class_name", "score"]
+#: ``picture`` is the image's :func:`picture_name`: its sheet is ``sheets/<picture>.png``, its
+#: overlays ``overlays/<picture>.<class_id>.png`` (last, so the earlier columns keep their places)
+PREDICTION_COLUMNS = ["image", "class_id", "class_name", "score", "picture"]
 #: longest side of a contact-sheet tile; overlays themselves are always at full size
 SHEET_TILE = 512
 #: longest part of an output name, in UTF-8 bytes: ``<part>.<class_id>.png`` stays under the
@@ -80,7 +82,11 @@ def prediction_rows(
     key: str, classes: list[int], names: list[str], scores: list[float]
 ) -> list[list]:
     """``predictions.csv`` rows of one image (see :data:`PREDICTION_COLUMNS`), one per class."""
-    return [[key, c, name, f"{p:.6g}"] for c, name, p in zip(classes, names, scores, strict=True)]
+    picture = picture_name(key)
+    return [
+        [key, c, name, f"{p:.6g}", picture]
+        for c, name, p in zip(classes, names, scores, strict=True)
+    ]
 
 
 def write_skipped(file: TextIO, rows: list[tuple[str, str]]) -> None:
