@@ -9,8 +9,13 @@ real browser.
 from __future__ import annotations
 
 import csv
-from collections import OrderedDict
+import shutil
+import subprocess
+from collections import Counter, OrderedDict
+from dataclasses import replace
+from html.parser import HTMLParser
 from pathlib import Path
+from urllib.parse import unquote, urlencode
 
 import numpy as np
 import pytest
@@ -26,6 +31,13 @@ HERE = Path(__file__).resolve()
 HOSTILE_IMAGE = "<img src=x onerror=alert(1)>.png"
 LABELS = ["<b>bold</b>", "a & b", '"quoted" </td></table>', "plain", "<script>x()</script>"]
 IMAGES = {"sub/blue.png": (0, 0, 255), HOSTILE_IMAGE: (255, 255, 0), "red #1.jpg": (255, 0, 0)}
+LATE = "red #1.jpg"  # added after the first run, explained by its rerun
+#: the tags of the page itself: a name that became markup would add one
+PAGE_TAGS = {
+    "html", "head", "meta", "title", "style", "body", "h1", "p", "label", "select", "option",
+    "span", "a", "details", "summary", "table", "thead", "tbody", "tr", "th", "td", "img",
+    "script",
+}  # fmt: skip
 
 
 def tiny_net() -> nn.Module:
@@ -41,16 +53,19 @@ def _read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(file))
 
 
+def _image(root: Path, name: str) -> None:
+    path = root / "images" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.zeros((40, 48, 3), np.uint8)
+    pixels[8:30, 10:40] = IMAGES[name]  # a coloured block on black
+    Image.fromarray(pixels).save(path, format="PNG")
+
+
 @pytest.fixture(scope="module")
-def run(tmp_path_factory) -> Path:
-    """One explain run over three 40x48 images with hostile names and class names (top 2)."""
+def config(tmp_path_factory) -> ExplainConfig:
+    """A run over 40x48 images with hostile file and class names (top 2) into ``out``; its
+    first run, without ``LATE``, left its gallery in ``first.html`` next to ``out``."""
     root = tmp_path_factory.mktemp("gallery")
-    for name, colour in IMAGES.items():
-        path = root / "images" / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        pixels = np.zeros((40, 48, 3), np.uint8)
-        pixels[8:30, 10:40] = colour  # a coloured block on black
-        Image.fromarray(pixels).save(path, format="PNG")
     (root / "labels.txt").write_text("\n".join(LABELS) + "\n")
     config = ExplainConfig(
         [root / "images"],
@@ -63,8 +78,18 @@ def run(tmp_path_factory) -> Path:
         device="cpu",
         workers=0,
     )
+    for name in IMAGES.keys() - {LATE}:
+        _image(root, name)
+    assert explain(config).explained == len(IMAGES) - 1
+    shutil.copy(root / "out" / "index.html", root / "first.html")
+    _image(root, LATE)
     assert explain(config).explained == len(IMAGES)
-    return root / "out"
+    return config
+
+
+@pytest.fixture(scope="module")
+def run(config) -> Path:
+    return config.out
 
 
 # predictions.csv ------------------------------------------------------------------------------
@@ -80,3 +105,142 @@ def test_predictions_name_each_rows_pictures(run):
         assert (run / "overlays" / f"{row['picture']}.{row['class_id']}.png").is_file()
     hostile = "<img src=x onerror=alert(1)>_png"
     assert {r["picture"] for r in rows} == {"sub/blue_png", hostile, "red #1_jpg"}
+
+
+# index.html -----------------------------------------------------------------------------------
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+needs_chromium = pytest.mark.skipif(
+    CHROMIUM is None, reason="no chromium on this machine (Debian: apt-get install chromium)"
+)
+
+
+class _Page(HTMLParser):
+    """Every start tag of a page (name, attributes), and the cell texts of each table row."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.tags: list[tuple[str, dict[str, str | None]]] = []
+        self.rows: list[tuple[dict[str, str | None], list[str]]] = []
+        self._cell: list[str] | None = None
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+        if tag == "tr" and "data-class" in dict(attrs):
+            self.rows.append((dict(attrs), []))
+        elif tag == "td" and self.rows:
+            self._cell = []
+
+    def handle_endtag(self, tag):
+        if tag == "td" and self._cell is not None:
+            self.rows[-1][1].append("".join(self._cell))
+            self._cell = None
+
+    def handle_data(self, data):
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+def _chromium(url: str, tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+         f"--user-data-dir={tmp_path / 'profile'}", *args, url],
+        capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+
+
+def _coloured(pixels: np.ndarray) -> np.ndarray:
+    """(N, 3) the pixels of an (H, W, 3) picture with colour: the page's own are grey."""
+    flat = pixels.reshape(-1, 3).astype(np.int64)
+    return flat[flat.max(1) - flat.min(1) > 40]
+
+
+def test_gallery_has_every_map_and_escapes_every_name(run):
+    rows = _read_csv(run / "predictions.csv")
+    page = _Page((run / "index.html").read_text(encoding="utf-8"))
+    # no markup from a name: the page's own tags only, no event handler anywhere
+    assert {tag for tag, _ in page.tags} <= PAGE_TAGS
+    assert [tag for tag, _ in page.tags].count("script") == 1
+    assert not [attrs for _, attrs in page.tags if any(a.startswith("on") for a in attrs)]
+    assert len(page.rows) == len(rows)
+    for (attrs, cells), row in zip(page.rows, rows, strict=True):
+        assert attrs["data-class"] == row["class_name"]
+        assert cells[2:] == [
+            row["image"],
+            row["class_id"],
+            row["class_name"],
+            f"{float(row['score']):#.3g}",
+        ]
+    links = [attrs["src"] for tag, attrs in page.tags if tag == "img"]
+    expected = [
+        name
+        for row in rows
+        for name in (
+            f"sheets/{row['picture']}.png",
+            f"overlays/{row['picture']}.{row['class_id']}.png",
+        )
+    ]
+    assert [unquote(link) for link in links] == expected
+    assert all((run / unquote(link)).is_file() for link in links)
+    options = [attrs["value"] for tag, attrs in page.tags if tag == "option"]
+    assert options == ["", *sorted({r["class_name"] for r in rows})]
+
+
+@needs_chromium
+def test_chromium_shows_the_pictures(run, tmp_path):
+    shot = tmp_path / "shot.png"
+    _chromium(
+        (run / "index.html").as_uri(), tmp_path, "--window-size=1400,1300", f"--screenshot={shot}"
+    )
+    pixels = np.asarray(Image.open(shot).convert("RGB"))
+    seen = _coloured(pixels)
+    # a blank page, or broken-image icons, would have almost no colour
+    assert len(seen) > 0.1 * pixels.shape[0] * pixels.shape[1]
+    # and the colours are the pictures': their mean, each picture weighted by its shown area
+    # (every picture is shown 160 px high)
+    total, count = np.zeros(3), 0.0
+    for row in _read_csv(run / "predictions.csv"):
+        for name in (
+            f"sheets/{row['picture']}.png",
+            f"overlays/{row['picture']}.{row['class_id']}.png",
+        ):
+            picture = np.asarray(Image.open(run / name).convert("RGB"))
+            area = (160 / picture.shape[0]) ** 2
+            coloured = _coloured(picture)
+            total += area * coloured.sum(0)
+            count += area * len(coloured)
+    np.testing.assert_allclose(seen.mean(0), total / count, atol=12)
+
+
+@needs_chromium
+def test_chromium_filters_and_sorts_by_the_url(run, tmp_path):
+    rows = _read_csv(run / "predictions.csv")
+    chosen = Counter(r["class_name"] for r in rows).most_common(1)[0][0]
+    url = (run / "index.html").as_uri() + "#" + urlencode({"class": chosen, "sort": "-score"})
+    dom = _chromium(url, tmp_path, "--dump-dom").stdout
+    page = _Page(dom)
+    assert len(page.rows) == len(rows)  # the other classes' rows hidden, not gone
+    shown = [cells[2:] for attrs, cells in page.rows if "hidden" not in attrs]
+    mine = sorted((r for r in rows if r["class_name"] == chosen), key=lambda r: -float(r["score"]))
+    assert len(mine) > 1 and shown == [
+        [r["image"], r["class_id"], r["class_name"], f"{float(r['score']):#.3g}"] for r in mine
+    ]
+    assert f"{len(mine)} of {len(rows)} maps shown" in dom  # written by the page's script
+    assert {tag for tag, _ in page.tags} <= PAGE_TAGS
+    assert not [attrs for _, attrs in page.tags if any(a.startswith("on") for a in attrs)]
+
+
+def test_gallery_follows_reruns_and_save(config, tmp_path):
+    first = _Page((config.out.parent / "first.html").read_text(encoding="utf-8"))
+    assert {cells[2] for _, cells in first.rows} == IMAGES.keys() - {LATE}
+    now = _Page((config.out / "index.html").read_text(encoding="utf-8"))
+    assert {cells[2] for _, cells in now.rows} == IMAGES.keys()
+    # without html in --save the folder resumes (the gallery binds nothing) and drops the page
+    copy = replace(config, out=tmp_path / "out", save="png,sheet,npz")
+    shutil.copytree(config.out, copy.out)
+    assert explain(copy).attempted == 0
+    assert not (copy.out / "index.html").exists()
+    assert (copy.out / "predictions.csv").read_bytes() == (
+        config.out / "predictions.csv"
+    ).read_bytes()

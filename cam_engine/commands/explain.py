@@ -88,8 +88,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--save",
-        default="png,sheet,npz",
-        help=f"comma-separated, of {','.join(SAVE_CHOICES)} (predictions.csv is always written)",
+        default=",".join(SAVE_CHOICES),
+        help=f"comma-separated, of {','.join(SAVE_CHOICES)} (html: index.html, the gallery; "
+        "predictions.csv is always written)",
     )
     parser.add_argument(
         "--max-pixels",

@@ -19,7 +19,7 @@ from ..targets import BottomK, TopK
 
 __all__ = ["SAVE_CHOICES", "ExplainConfig", "Targets", "parse_targets", "targets_text"]
 
-SAVE_CHOICES = ("png", "sheet", "npz")
+SAVE_CHOICES = ("png", "sheet", "npz", "html")
 
 Targets = TopK | BottomK | tuple[int, ...]
 
@@ -200,7 +200,8 @@ class ExplainConfig:
             "std": None if self.std is None else list(self.std),
             "colormap": self.colormap,
             "alpha": self.alpha,
-            "save": ",".join(sorted(self.save)),
+            # index.html is rewritten whole by every run: it does not bind the folder
+            "save": ",".join(sorted(self.save - {"html"})),
         }
 
 
