@@ -8,23 +8,33 @@ real browser.
 
 from __future__ import annotations
 
+import base64
 import csv
+import re
 import shutil
 import subprocess
 from collections import Counter, OrderedDict
 from dataclasses import replace
 from html.parser import HTMLParser
+from io import BytesIO
 from pathlib import Path
 from urllib.parse import unquote, urlencode
 
+import matplotlib
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from cam_engine import CAMResult
+from cam_engine.display import titles
+from cam_engine.io import contact_sheet
 from cam_engine.pipeline import ExplainConfig, explain
+from cam_engine.pipeline.gallery import gallery_html
 from cam_engine.pipeline.outputs import picture_name
+from cam_engine.postprocess import colormap_lut
 
 HERE = Path(__file__).resolve()
 #: file names and class names that would be markup if a page pasted them in unescaped
@@ -187,6 +197,32 @@ def test_gallery_has_every_map_and_escapes_every_name(run):
     assert options == ["", *sorted({r["class_name"] for r in rows})]
 
 
+def test_gallery_page_is_bounded_and_lists_the_skipped():
+    rows = [
+        {
+            "image": f"x{i}.png",
+            "class_id": "1",
+            "class_name": "a",
+            "score": "0.5",
+            "picture": f"x{i}_png",
+        }
+        for i in range(5)
+    ]
+    skipped = [{"image": "bad\udcff<i>.jpg", "reason": "<script>"}]  # a name that is not UTF-8
+    page = gallery_html(rows, skipped, {"png", "npz"}, limit=3)
+    parsed = _Page(page)
+    assert [cells[1:] for _, cells in parsed.rows] == [
+        [f"x{i}.png", "1", "a", "0.500"] for i in range(3)
+    ]
+    assert "The first 3 maps are below" in page and "5 maps" in page
+    assert [a["src"] for tag, a in parsed.tags if tag == "img"] == [
+        f"overlays/x{i}_png.1.png" for i in range(3)
+    ]
+    assert "bad\ufffd&lt;i&gt;.jpg" in page and "&lt;script&gt;" in page
+    assert {tag for tag, _ in parsed.tags} <= PAGE_TAGS
+    page.encode("utf-8")  # strict: the odd byte became U+FFFD
+
+
 @needs_chromium
 def test_chromium_shows_the_pictures(run, tmp_path):
     shot = tmp_path / "shot.png"
@@ -244,3 +280,93 @@ def test_gallery_follows_reruns_and_save(config, tmp_path):
     assert (copy.out / "predictions.csv").read_bytes() == (
         config.out / "predictions.csv"
     ).read_bytes()
+
+
+# CAMResult.show() and its notebook display ----------------------------------------------------
+
+
+def _result(batch: int, maps: int, size: tuple[int, int], seed: int = 0) -> CAMResult:
+    """A result of random maps in [0, 1], random logits over the classes of ``LABELS`` and the
+    best ``maps`` of them (round again past the 5 classes)."""
+    generator = torch.Generator().manual_seed(seed)
+    logits = torch.randn(batch, len(LABELS), generator=generator) * 3
+    classes = logits.argsort(1, descending=True)[:, torch.arange(maps) % len(LABELS)]
+    heatmaps = torch.rand(batch, maps, *size, generator=generator)
+    return CAMResult(heatmaps, heatmaps, logits, classes)
+
+
+def _jet_overlay(image: torch.Tensor, heatmap: torch.Tensor) -> np.ndarray:
+    """(H, W, 3) float64: round(0.5 * jet colour + 0.5 * pixel), by hand."""
+    colour = colormap_lut("jet")[(heatmap.double() * 255).round().long()].double()
+    return (0.5 * colour + 0.5 * image.permute(1, 2, 0).double()).round().numpy()
+
+
+def test_titles_name_the_class_and_its_probability():
+    probabilities = torch.tensor([[0.87, 0.00123456, 0.12876544], [0.5, 0.25, 0.25]])
+    classes = torch.tensor([[0, 1], [2, -1]])
+    got = titles(classes, probabilities.log(), ["cat", "dog"])
+    assert got == [["cat p=0.870", "dog p=0.00123"], ["class 2 p=0.250", "score"]]
+    assert titles(classes, torch.zeros(2, 3, 4, 4)) == [
+        ["class 0", "class 1"],
+        ["class 2", "score"],
+    ]
+
+
+def test_show_draws_each_image_with_its_overlays():
+    matplotlib.use("Agg")
+    result = _result(2, 2, (24, 20))
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (2, 3, 24, 20), dtype=torch.uint8, generator=generator)
+    fig = result.show(images, labels=LABELS)
+    assert len(fig.axes) == 2 * 3 and fig._suptitle is None
+    probabilities = result.logits.double().softmax(1)
+    for b in range(2):
+        row = fig.axes[3 * b : 3 * b + 3]
+        assert row[0].get_title() == "image"
+        np.testing.assert_array_equal(row[0].images[0].get_array(), images[b].permute(1, 2, 0))
+        for k in range(2):
+            c = int(result.classes[b, k])
+            assert row[1 + k].get_title() == f"{LABELS[c]} p={float(probabilities[b, c]):#.3g}"
+            drawn = row[1 + k].images[0].get_array().astype(np.float64)
+            assert np.abs(drawn - _jet_overlay(images[b], result.heatmaps[b, k])).max() <= 1
+    png = BytesIO()
+    fig.savefig(png, format="png")  # renders with no display
+    assert Image.open(png).size[0] > 100
+
+
+def test_show_bounds_big_batches_and_refuses_mismatched_images():
+    result = _result(20, 3, (8, 8))
+    fig = result.show(max_images=4, max_maps=2)  # the heatmaps alone, coloured
+    assert (
+        len(fig.axes) == 4 * 2
+        and fig._suptitle.get_text() == "first 4 of 20 images, 2 of 3 maps each"
+    )
+    colour = colormap_lut("jet")[(result.heatmaps[3, 1].double() * 255).round().long()]
+    np.testing.assert_array_equal(fig.axes[7].images[0].get_array(), colour.numpy())
+    with pytest.raises(ValueError, match="one image per row"):
+        result.show(torch.zeros(3, 3, 8, 8, dtype=torch.uint8))
+
+
+def _inline_png(page: str) -> Image.Image:
+    (data,) = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    return Image.open(BytesIO(base64.b64decode(data))).convert("RGB")
+
+
+def test_notebook_display_is_the_heatmaps_sheet():
+    result = _result(2, 2, (30, 26))
+    page = result._repr_html_()
+    assert "CAMResult: 2 images x 2 maps, heatmaps (2, 2, 30, 26) float32 on cpu" in page
+    colours = colormap_lut("jet")[(result.heatmaps.double() * 255).round().long()]
+    expected = contact_sheet(colours.movedim(-1, -3), titles(result.classes, result.logits))
+    np.testing.assert_array_equal(np.asarray(_inline_png(page)), np.asarray(expected))
+
+
+def test_notebook_display_stays_small_for_big_batches():
+    result = _result(40, 10, (7, 7))
+    # smooth maps, as a network's are: 7x7 upsampled
+    result.heatmaps = F.interpolate(result.heatmaps, (300, 200), mode="bilinear")
+    page = result._repr_html_()
+    assert "the first 8 images and 4 maps each shown" in page
+    width, height = _inline_png(page).size
+    assert width <= 4 * (96 + 4) + 4 and height <= 8 * (96 + 40)  # 8 x 4 tiles of 96 px
+    assert len(page) < 300_000

@@ -19,9 +19,12 @@ from ..io import probability_text
 from .config import ExplainConfig, targets_text
 from .folder import OutputFolder
 
-__all__ = ["GALLERY", "gallery_html", "update_gallery"]
+__all__ = ["GALLERY", "GALLERY_ROWS", "gallery_html", "update_gallery"]
 
 GALLERY = "index.html"
+#: rows of the page at most (about 0.5 kB each), so that a run over millions of images still
+#: gives a page a browser opens; predictions.csv has them all
+GALLERY_ROWS = 20_000
 
 
 def update_gallery(folder: OutputFolder, config: ExplainConfig) -> None:
@@ -47,6 +50,7 @@ def gallery_html(
     skipped: Sequence[Mapping[str, str]],
     save: frozenset[str] | set[str],
     caption: str = "",
+    limit: int = GALLERY_ROWS,
 ) -> str:
     """The gallery page.
 
@@ -57,12 +61,14 @@ def gallery_html(
         save: the pictures the run wrote: a sheet column with ``"sheet"``, an overlay column
             with ``"png"``.
         caption: a line under the title (the run's model and method).
+        limit: the first rows shown at most; the page says how many there are.
 
     Returns:
         The HTML text; names that are not UTF-8 show U+FFFD in place of their odd bytes.
     """
     images = len({row["image"] for row in predictions})
-    classes = sorted({row["class_name"] for row in predictions})
+    rows = predictions[:limit]
+    classes = sorted({row["class_name"] for row in rows})
     head = [
         ("image", "text", "image"),
         ("class_id", "number", "class id"),
@@ -73,11 +79,17 @@ def gallery_html(
     header = "".join(f"<th>{name}</th>" for name in columns) + "".join(
         f'<th data-key="{key}" data-type="{kind}">{label}</th>' for key, kind, label in head
     )
-    body = "\n".join(_row(row, columns) for row in predictions)
+    body = "\n".join(_row(row, columns) for row in rows)
+    cut = (
+        f"<p>The first {limit} maps are below; predictions.csv has them all.</p>"
+        if len(predictions) > limit
+        else ""
+    )
     # an option's value attribute, not its text, which HTML strips of outer spaces
     options = "".join(f'<option value="{_text(n)}">{_text(n)}</option>' for n in classes)
     gone = "".join(
-        f"<tr><td>{_text(row['image'])}</td><td>{_text(row['reason'])}</td></tr>" for row in skipped
+        f"<tr><td>{_text(row['image'])}</td><td>{_text(row['reason'])}</td></tr>"
+        for row in skipped[:limit]
     )
     missing = (
         f'<details><summary>{len(skipped)} images skipped (<a href="skipped.csv">skipped.csv'
@@ -93,8 +105,9 @@ def gallery_html(
 <body>
 <h1>cam-engine explain: {images} images, {len(predictions)} maps</h1>
 <p>{_text(caption)}</p>
+{cut}
 <p><label>class <select id="class"><option value="">all</option>{options}</select></label>
-<span id="count">{len(predictions)} maps</span> ·
+<span id="count">{len(rows)} maps</span> ·
 <a href="predictions.csv">predictions.csv</a></p>
 {missing}
 <table id="maps"><thead><tr>{header}</tr></thead>
