@@ -18,7 +18,10 @@ if TYPE_CHECKING:
     from ..engine import CAMEngine
     from ..loading import LoadedModel
 
-HELP = "explain image files and folders: overlays, contact sheets, predictions.csv, heatmaps.npz"
+HELP = (
+    "explain image files and folders: overlays, contact sheets, predictions.csv, heatmaps.npz, "
+    "index.html"
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

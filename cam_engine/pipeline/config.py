@@ -104,7 +104,8 @@ class ExplainConfig:
         num_classes: outputs of a torchvision model loaded with a ``state_dict`` file.
         allow_pickle: let ``model`` be a full-model pickle (unpickling runs the file's code).
         colormap: colour map of the overlays; alpha: weight of its colour, in [0, 1].
-        save: which of ``SAVE_CHOICES`` to write (``predictions.csv`` always is).
+        save: which of ``SAVE_CHOICES`` to write (``predictions.csv`` always is): overlay
+            PNGs, contact sheets, ``heatmaps.npz``, ``index.html`` (the gallery).
         max_pixels: images with more pixels (read from the file's header) are skipped undecoded.
         overwrite: delete the outputs of other settings in ``out`` instead of refusing them.
         ray: ``None`` for this process; a Ray address (``"local"``, ``"auto"``, ``host:port``)
