@@ -318,7 +318,7 @@ def test_show_draws_each_image_with_its_overlays():
     generator = torch.Generator().manual_seed(1)
     images = torch.randint(0, 256, (2, 3, 24, 20), dtype=torch.uint8, generator=generator)
     fig = result.show(images, labels=LABELS)
-    assert len(fig.axes) == 2 * 3 and fig._suptitle is None
+    assert len(fig.axes) == 2 * 3 and fig.get_suptitle() == ""
     probabilities = result.logits.double().softmax(1)
     for b in range(2):
         row = fig.axes[3 * b : 3 * b + 3]
@@ -337,10 +337,7 @@ def test_show_draws_each_image_with_its_overlays():
 def test_show_bounds_big_batches_and_refuses_mismatched_images():
     result = _result(20, 3, (8, 8))
     fig = result.show(max_images=4, max_maps=2)  # the heatmaps alone, coloured
-    assert (
-        len(fig.axes) == 4 * 2
-        and fig._suptitle.get_text() == "first 4 of 20 images, 2 of 3 maps each"
-    )
+    assert len(fig.axes) == 4 * 2 and fig.get_suptitle() == "first 4 of 20 images, 2 of 3 maps each"
     colour = colormap_lut("jet")[(result.heatmaps[3, 1].double() * 255).round().long()]
     np.testing.assert_array_equal(fig.axes[7].images[0].get_array(), colour.numpy())
     with pytest.raises(ValueError, match="one image per row"):

@@ -18,6 +18,7 @@ from urllib.parse import quote
 from ..io import probability_text
 from .config import ExplainConfig, targets_text
 from .folder import OutputFolder
+from .outputs import overlay_file, sheet_file
 
 __all__ = ["GALLERY", "GALLERY_ROWS", "gallery_html", "update_gallery"]
 
@@ -133,8 +134,8 @@ def _link(path: str) -> str:
 
 def _row(row: Mapping[str, str], columns: list[str]) -> str:
     links = {
-        "sheet": f"sheets/{row['picture']}.png",
-        "overlay": f"overlays/{row['picture']}.{row['class_id']}.png",
+        "sheet": sheet_file(row["picture"]),
+        "overlay": overlay_file(row["picture"], row["class_id"]),
     }
     pictures = "".join(
         f'<td><a href="{_link(links[c])}"><img src="{_link(links[c])}" alt="{c}" '

@@ -22,9 +22,11 @@ __all__ = [
     "PREDICTION_COLUMNS",
     "SHEET_TILE",
     "output_name",
+    "overlay_file",
     "picture_name",
     "pictures",
     "prediction_rows",
+    "sheet_file",
     "write_skipped",
 ]
 
@@ -62,6 +64,18 @@ def picture_name(key: str) -> str:
     plain = re.fullmatch(r"(.+)\.([0-9A-Za-z]+)", name)
     name = f"{plain[1]}_{plain[2]}" if plain else f"{name}~{_digest(name)}"
     return output_name(f"{folder}/{name}" if folder else name)
+
+
+def sheet_file(picture: str) -> str:
+    """The contact sheet of the image named ``picture`` (:func:`picture_name`), relative to the
+    output folder."""
+    return f"sheets/{picture}.png"
+
+
+def overlay_file(picture: str, class_id: int | str) -> str:
+    """The overlay of class ``class_id`` on the image named ``picture``, relative to the output
+    folder."""
+    return f"overlays/{picture}.{class_id}.png"
 
 
 def _digest(text: str) -> str:
@@ -110,14 +124,14 @@ def pictures(result: Explained, save: Iterable[str]) -> Iterator[tuple[str, Tens
         return
     if "png" in save:
         for c, tile in zip(result.classes, result.overlays, strict=True):
-            yield f"overlays/{picture_name(result.key)}.{c}.png", tile
+            yield overlay_file(picture_name(result.key), c), tile
     if "sheet" in save:
         titles = [Path(result.key).name] + [
             f"{name} p={probability_text(p)}"
             for name, p in zip(result.names, result.scores, strict=True)
         ]
         tiles = _shrink(torch.cat([result.image[None], result.overlays]))
-        yield f"sheets/{picture_name(result.key)}.png", contact_sheet(tiles[None], [titles])
+        yield sheet_file(picture_name(result.key)), contact_sheet(tiles[None], [titles])
 
 
 def _shrink(tiles: Tensor) -> Tensor:
