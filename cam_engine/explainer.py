@@ -10,9 +10,10 @@ compositions (several layers, augmentations, meta-methods) run :class:`LayerExpl
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -25,6 +26,9 @@ from .layout import Reshape, gradients_to_nchw, to_nchw
 from .methods import Context, Method, MethodOptions
 from .model import CAMModel, select_output
 from .targets import Resolved, Targets, is_class_ids, resolve
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = ["CAMResult", "LayerMaps", "LayerExplainer", "check_images", "finish", "STAGES"]
 
@@ -64,6 +68,52 @@ class CAMResult:
     logits: Tensor
     classes: Tensor
     guided: Tensor | None = None
+
+    def show(
+        self,
+        images: Tensor | None = None,
+        labels: Sequence[str] | None = None,
+        *,
+        colormap: str = "jet",
+        alpha: float = 0.5,
+        max_images: int = 8,
+        max_maps: int = 8,
+    ) -> Figure:
+        """A matplotlib figure: one row per image, the image then its overlays, each titled
+        with its class's name and probability (``"cat p=0.870"``).
+
+        Args:
+            images: (B, 3, H, W) RGB, uint8 or floating point in [0, 1], the heatmaps' size
+                (the images before normalisation); ``None``: the heatmaps alone, coloured.
+            labels: class names by id (``None``: ``"class 17"``).
+            colormap, alpha: as :func:`cam_engine.overlay`.
+            max_images, max_maps: how many images, and maps of each, are drawn at most.
+
+        Returns:
+            A ``matplotlib.figure.Figure``, made without pyplot (no backend needed; a notebook
+            shows it once): ``res.show(images).savefig("cams.png")``.
+        """
+        # display sits at the output edge with io (PIL, matplotlib): loaded when a result is shown
+        from .display import figure
+
+        return figure(
+            self.heatmaps,
+            self.classes,
+            self.logits,
+            images,
+            labels,
+            colormap=colormap,
+            alpha=alpha,
+            max_images=max_images,
+            max_maps=max_maps,
+        )
+
+    def _repr_html_(self) -> str:
+        """Jupyter's view of a result: its shapes and its first heatmaps, coloured, as one
+        small inline PNG (see :func:`cam_engine.display.preview_html`)."""
+        from .display import preview_html
+
+        return preview_html(self.heatmaps, self.classes, self.logits)
 
 
 @dataclass(frozen=True)

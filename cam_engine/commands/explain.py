@@ -18,7 +18,10 @@ if TYPE_CHECKING:
     from ..engine import CAMEngine
     from ..loading import LoadedModel
 
-HELP = "explain image files and folders: overlays, contact sheets, predictions.csv, heatmaps.npz"
+HELP = (
+    "explain image files and folders: overlays, contact sheets, predictions.csv, heatmaps.npz, "
+    "index.html"
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -88,8 +91,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--save",
-        default="png,sheet,npz",
-        help=f"comma-separated, of {','.join(SAVE_CHOICES)} (predictions.csv is always written)",
+        default=",".join(SAVE_CHOICES),
+        help=f"comma-separated, of {','.join(SAVE_CHOICES)} (html: index.html, the gallery; "
+        "predictions.csv is always written)",
     )
     parser.add_argument(
         "--max-pixels",

@@ -14,6 +14,7 @@ of the pieces here, so both give the same outputs::
 - :mod:`.outputs`: each image's output name, CSV rows and pictures;
 - :mod:`.folder`: the output folder: lock, settings, atomic files; :mod:`.parts`: the results
   of a run in this process, batch by batch, merged at its end;
+- :mod:`.gallery`: ``index.html``, the pictures and the predictions table on one page;
 - :mod:`.run`: :func:`run_job`, the frame of every run, and :func:`explain`.
 """
 

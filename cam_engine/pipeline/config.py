@@ -19,7 +19,7 @@ from ..targets import BottomK, TopK
 
 __all__ = ["SAVE_CHOICES", "ExplainConfig", "Targets", "parse_targets", "targets_text"]
 
-SAVE_CHOICES = ("png", "sheet", "npz")
+SAVE_CHOICES = ("png", "sheet", "npz", "html")
 
 Targets = TopK | BottomK | tuple[int, ...]
 
@@ -104,7 +104,8 @@ class ExplainConfig:
         num_classes: outputs of a torchvision model loaded with a ``state_dict`` file.
         allow_pickle: let ``model`` be a full-model pickle (unpickling runs the file's code).
         colormap: colour map of the overlays; alpha: weight of its colour, in [0, 1].
-        save: which of ``SAVE_CHOICES`` to write (``predictions.csv`` always is).
+        save: which of ``SAVE_CHOICES`` to write (``predictions.csv`` always is): overlay
+            PNGs, contact sheets, ``heatmaps.npz``, ``index.html`` (the gallery).
         max_pixels: images with more pixels (read from the file's header) are skipped undecoded.
         overwrite: delete the outputs of other settings in ``out`` instead of refusing them.
         ray: ``None`` for this process; a Ray address (``"local"``, ``"auto"``, ``host:port``)
@@ -200,7 +201,8 @@ class ExplainConfig:
             "std": None if self.std is None else list(self.std),
             "colormap": self.colormap,
             "alpha": self.alpha,
-            "save": ",".join(sorted(self.save)),
+            # index.html is rewritten whole by every run: it does not bind the folder
+            "save": ",".join(sorted(self.save - {"html"})),
         }
 
 

@@ -41,7 +41,7 @@ JOB, TEMP, LOCK = "job.json", ".tmp", ".lock"
 #: what runs write into a folder, all of which --overwrite deletes
 OUTPUTS = (
     "predictions.csv", "skipped.csv", "heatmaps.npz", "overlays", "sheets", "parts", "shards",
-    "failures",
+    "failures", "index.html",
 )  # fmt: skip
 
 
@@ -174,6 +174,15 @@ class OutputFolder:
                 fill(file)
 
         self.replace(path, write)
+
+    def read_table(self, name: str) -> list[dict[str, str]]:
+        """The rows of the folder's CSV file ``name`` (none if it does not exist), with the
+        undecodable bytes of file names as :meth:`write_text` wrote them."""
+        path = self.out / name
+        if not path.exists():
+            return []
+        with open(path, newline="", encoding="utf-8", errors="surrogateescape") as file:
+            return list(csv.DictReader(file))
 
     def write_pictures(self, found: Iterable[tuple[str, Tensor | Image.Image]]) -> None:
         """Write pictures (path relative to ``out``, picture) atomically, as PNG files."""

@@ -22,13 +22,17 @@ __all__ = [
     "PREDICTION_COLUMNS",
     "SHEET_TILE",
     "output_name",
+    "overlay_file",
     "picture_name",
     "pictures",
     "prediction_rows",
+    "sheet_file",
     "write_skipped",
 ]
 
-PREDICTION_COLUMNS = ["image", "class_id", "class_name", "score"]
+#: ``picture`` is the image's :func:`picture_name`: its sheet is ``sheets/<picture>.png``, its
+#: overlays ``overlays/<picture>.<class_id>.png`` (last, so the earlier columns keep their places)
+PREDICTION_COLUMNS = ["image", "class_id", "class_name", "score", "picture"]
 #: longest side of a contact-sheet tile; overlays themselves are always at full size
 SHEET_TILE = 512
 #: longest part of an output name, in UTF-8 bytes: ``<part>.<class_id>.png`` stays under the
@@ -62,6 +66,18 @@ def picture_name(key: str) -> str:
     return output_name(f"{folder}/{name}" if folder else name)
 
 
+def sheet_file(picture: str) -> str:
+    """The contact sheet of the image named ``picture`` (:func:`picture_name`), relative to the
+    output folder."""
+    return f"sheets/{picture}.png"
+
+
+def overlay_file(picture: str, class_id: int | str) -> str:
+    """The overlay of class ``class_id`` on the image named ``picture``, relative to the output
+    folder."""
+    return f"overlays/{picture}.{class_id}.png"
+
+
 def _digest(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogateescape")).hexdigest()[:16]
 
@@ -80,7 +96,11 @@ def prediction_rows(
     key: str, classes: list[int], names: list[str], scores: list[float]
 ) -> list[list]:
     """``predictions.csv`` rows of one image (see :data:`PREDICTION_COLUMNS`), one per class."""
-    return [[key, c, name, f"{p:.6g}"] for c, name, p in zip(classes, names, scores, strict=True)]
+    picture = picture_name(key)
+    return [
+        [key, c, name, f"{p:.6g}", picture]
+        for c, name, p in zip(classes, names, scores, strict=True)
+    ]
 
 
 def write_skipped(file: TextIO, rows: list[tuple[str, str]]) -> None:
@@ -104,14 +124,14 @@ def pictures(result: Explained, save: Iterable[str]) -> Iterator[tuple[str, Tens
         return
     if "png" in save:
         for c, tile in zip(result.classes, result.overlays, strict=True):
-            yield f"overlays/{picture_name(result.key)}.{c}.png", tile
+            yield overlay_file(picture_name(result.key), c), tile
     if "sheet" in save:
         titles = [Path(result.key).name] + [
             f"{name} p={probability_text(p)}"
             for name, p in zip(result.names, result.scores, strict=True)
         ]
         tiles = _shrink(torch.cat([result.image[None], result.overlays]))
-        yield f"sheets/{picture_name(result.key)}.png", contact_sheet(tiles[None], [titles])
+        yield sheet_file(picture_name(result.key)), contact_sheet(tiles[None], [titles])
 
 
 def _shrink(tiles: Tensor) -> Tensor:

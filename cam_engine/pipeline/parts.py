@@ -16,7 +16,6 @@ and in the merged files, and explains the others.
 
 from __future__ import annotations
 
-import csv
 import json
 import shutil
 import uuid
@@ -93,27 +92,20 @@ class Parts(OutputFolder):
         """Output name -> ``{"class_id", "class_name", "score"}`` or ``{"reason"}`` of every
         image done: in the merged tables of earlier runs, then in the parts."""
         outcomes: dict[str, dict] = {}
-        for row in self._table("predictions.csv"):
+        for row in self.read_table("predictions.csv"):
             record = outcomes.setdefault(
                 output_name(row["image"]), {"class_id": [], "class_name": [], "score": []}
             )
             record["class_id"].append(int(row["class_id"]))
             record["class_name"].append(row["class_name"])
             record["score"].append(float(row["score"]))
-        for row in self._table("skipped.csv"):
+        for row in self.read_table("skipped.csv"):
             outcomes[output_name(row["image"])] = {"reason": row["reason"]}
         for path in self._parts():
             with np.load(path) as part:
                 for record in json.loads(part[RECORD].tobytes()):
                     outcomes[record.pop("name")] = record
         return outcomes
-
-    def _table(self, name: str) -> list[dict[str, str]]:
-        path = self.out / name
-        if not path.exists():
-            return []
-        with open(path, newline="", encoding="utf-8", errors="surrogateescape") as file:
-            return list(csv.DictReader(file))
 
     def _merge_heatmaps(self, temp: Path, names: set[str]) -> None:
         """Write the heatmaps of the images ``names`` (output names) into ``temp``: from the

@@ -21,6 +21,7 @@ from ..loading import resolve_device
 from .compute import Explained, check_model, explain_images, load
 from .config import ExplainConfig, default_workers
 from .folder import OutputFolder
+from .gallery import update_gallery
 from .outputs import output_name, pictures
 from .parts import Parts
 
@@ -73,6 +74,7 @@ def run_job(
             execute([paths[i] for i in pending], [keys[i] for i in pending])
         seconds = time.perf_counter() - start
         explained, skipped = folder.consolidate(keys)
+        update_gallery(folder, config)
         folder.clear_temp()
     summary = Summary(len(keys), explained, skipped, len(pending), seconds)
     report(summary, config.out)
