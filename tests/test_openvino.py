@@ -14,7 +14,9 @@ import pytest
 import torch
 from test_export import small_vgg
 
+import cam_engine as ce
 from cam_engine import TopK
+from cam_engine.bench import backends as bk
 from cam_engine.demo import shapes
 from cam_engine.demo.model import pretrained
 from cam_engine.export import OrtCAM, OvCAM, to_onnx
@@ -87,3 +89,15 @@ def test_missing_openvino_says_how_to_install(files, monkeypatch):
     monkeypatch.setitem(sys.modules, "openvino", None)  # import openvino -> ImportError
     with pytest.raises(ImportError, match=r"cam-engine\[openvino\]"):
         OvCAM(files["shapes"])
+
+
+def test_bench_backends_compute_the_engines_maps_and_logits(tmp_path):
+    model = pretrained().eval()
+    x = shapes.single(2, size=64, seed=2).images.float() / 255
+    case = bk.Case(model, "features", "cam", x, tmp_path, "shapes", bk.fc_name(model, "features"))
+    ready = bk.get("ov-cam").prepare(case)
+    expected = ce.CAMEngine(model, "features", "cam")(x).heatmaps
+    torch.testing.assert_close(ready.heatmaps(ready.run(x)), expected, atol=TOL, rtol=0)
+    plain = bk.get("ov-plain").prepare(case)
+    with torch.no_grad():
+        torch.testing.assert_close(plain.run(x), model(x), atol=1e-4, rtol=1e-4)
