@@ -404,7 +404,8 @@ void write_results(const Options& o, const Model& m, const std::vector<Sample>& 
         }
         // the picture the maps are drawn over: the image as read, else the model input's
         const bool original = !o.model_size && !s.original.rgb.empty();
-        const Image picture = original ? s.original : picture_of(s.x, m.mean, m.std);
+        const Image recovered = original ? Image{} : picture_of(s.x, m.mean, m.std);
+        const Image& picture = original ? s.original : recovered;
         const auto shape = shape_of(out.at("heatmaps"));  // (B, K, h, w)
         const int h = static_cast<int>(shape[2]), w = static_cast<int>(shape[3]);
         const float* maps = out.at("heatmaps").GetTensorData<float>() + b * k * h * w;
