@@ -233,12 +233,12 @@ void append_provider(Ort::SessionOptions& options, const Options& o) {
     }
 }
 
-// One model input (C, H, W), the picture it was made from (empty for .npy inputs) and the name
+// One model input (C, H, W), the image file it was made from (empty for .npy inputs) and the name
 // its outputs are written under.
 struct Sample {
     std::string name;
     Planar x;
-    Image original;
+    std::string picture;
 };
 
 std::string unique_name(const std::string& name, std::set<std::string>& taken) {
@@ -259,9 +259,8 @@ std::vector<Sample> load_inputs(const Options& o, const Model& m) {
             if (m.channels != 3)
                 throw std::runtime_error("the model takes " + std::to_string(m.channels) +
                                          " channels; images give 3 (pass .npy inputs)");
-            Image original = read_image(path);
-            Planar x = preprocess(original, height, width, m.mean, m.std);
-            samples.push_back({unique_name(stem, taken), std::move(x), std::move(original)});
+            samples.push_back({unique_name(stem, taken),
+                               preprocess(read_image(path), height, width, m.mean, m.std), path});
             continue;
         }
         Array a = read_npy(path);
@@ -402,10 +401,10 @@ void write_results(const Options& o, const Model& m, const std::vector<Sample>& 
             }
             continue;
         }
-        // the picture the maps are drawn over: the image as read, else the model input's
-        const bool original = !o.model_size && !s.original.rgb.empty();
-        const Image recovered = original ? Image{} : picture_of(s.x, m.mean, m.std);
-        const Image& picture = original ? s.original : recovered;
+        // the picture the maps are drawn over: the image, decoded again (only one original is in
+        // memory at a time), else the model input's
+        const Image picture = !o.model_size && !s.picture.empty() ? read_image(s.picture)
+                                                                  : picture_of(s.x, m.mean, m.std);
         const auto shape = shape_of(out.at("heatmaps"));  // (B, K, h, w)
         const int h = static_cast<int>(shape[2]), w = static_cast<int>(shape[3]);
         const float* maps = out.at("heatmaps").GetTensorData<float>() + b * k * h * w;
