@@ -255,6 +255,32 @@ def test_build_folder_runs_when_copied(cam_ort, models, tmp_path):
     np.testing.assert_allclose(got, ref.heatmaps[0].numpy(), rtol=0, atol=TOL)
 
 
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_native_installs_no_python_environment(tmp_path):
+    done = subprocess.run(
+        ["make", "-n", "native", f"VENV={tmp_path / 'venv'}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert done.stdout.splitlines() == ["scripts/native/build.sh build/native"]
+
+
+def test_without_the_wheel_fetch_ort_says_what_to_set(tmp_path):
+    """A Python without onnxruntime (here one that fails every command): the script stops and
+    names ONNXRUNTIME_ROOT and onnxruntime_DIR."""
+    python = tmp_path / "python"
+    python.write_text("#!/bin/sh\nexit 1\n")
+    python.chmod(0o755)
+    script = ROOT / "scripts" / "native" / "fetch_ort.sh"
+    done = subprocess.run([script, tmp_path / "ort", python], capture_output=True, text=True)
+    assert done.returncode == 1
+    assert done.stderr.startswith(f"fetch_ort: no onnxruntime Python package for {python}")
+    assert "ONNXRUNTIME_ROOT=<prefix with include/ and lib/>" in done.stderr
+    assert "onnxruntime_DIR=<folder of onnxruntimeConfig.cmake>" in done.stderr
+
+
 def test_fixed_batch_and_given_classes(cam_ort, models, tmp_path):
     """A file with batch 2 and a classes input: 3 inputs run as 2 + 1 (padded) batches."""
     path, x = models["shapes_fixed"]
