@@ -22,6 +22,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import make_model
+from PIL import Image
 from torchvision.io import ImageReadMode, decode_image, write_jpeg, write_png
 
 from cam_engine import overlay
@@ -226,6 +227,27 @@ def test_png_and_jpeg_at_their_own_size(cam_ort, models, tmp_path):
             assert drawn.shape == (3, 80, 96)
             # a level at a rounding boundary; JPEG: half of the decoders' 3 levels, too
             assert (drawn.int() - colours[j].int()).abs().max() <= (1 if name == "p" else 3)
+
+
+def test_grey_palette_and_rgba_png_read_as_rgb(cam_ort, models, tmp_path):
+    """Grey, palette and RGBA PNGs give the model the RGB input of torchvision's RGB decoding
+    (grey copied to the channels, the palette looked up, alpha dropped)."""
+    path, _ = models["shapes"]
+    rgb = (shapes.single(1, size=64, seed=3).images[0] * 255).round().byte().permute(1, 2, 0)
+    alpha = np.random.default_rng(0).integers(0, 256, (64, 64, 1), dtype=np.uint8)
+    pictures = {
+        "grey": Image.fromarray(rgb.numpy()).convert("L"),
+        "palette": Image.fromarray(rgb.numpy()).quantize(16),
+        "rgba": Image.fromarray(np.concatenate([rgb.numpy(), alpha], axis=2), "RGBA"),
+    }
+    for name, picture in pictures.items():
+        picture.save(tmp_path / f"{name}.png")
+    files = [tmp_path / f"{name}.png" for name in pictures]
+    run(cam_ort, path, *files, "--out", tmp_path / "out", "--save-input")
+    for file in files:
+        want = decode_image(str(file), ImageReadMode.RGB) / 255
+        got = torch.from_numpy(np.load(tmp_path / "out" / f"{file.stem}.input.npy"))
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-7)
 
 
 def test_build_folder_runs_when_copied(cam_ort, models, tmp_path):
