@@ -82,7 +82,8 @@ class OvCAM(OrtCAM):
 
     ``cam(x, targets=...)`` and ``cam.run(x, targets=...)`` take what :class:`OrtCAM` takes and
     check it the same way; ``x`` is a CPU tensor or a NumPy array (NumPy in, NumPy out) and the
-    results are on the CPU. OpenVINO runs in float32 unless ``config`` says otherwise.
+    results are on the CPU. OpenVINO runs in float32 unless ``config`` says otherwise. One
+    inference request serves the calls: use one ``OvCAM`` per thread.
 
     Args:
         path: the ``.onnx`` file.
