@@ -1,5 +1,5 @@
-# The two commands of the README's quick start. Each creates .venv and installs the package
-# (with its dev extra) the first time, or when pyproject.toml changes.
+# The commands of the README's quick start. demo, test and bench create .venv and install the
+# package (with its dev extra) the first time, or when pyproject.toml changes.
 VENV ?= .venv
 PYTHON ?= python3
 BIN := $(VENV)/bin
@@ -22,5 +22,7 @@ test: $(VENV)/.installed
 bench: $(VENV)/.installed
 	$(BIN)/cam-engine bench
 
-native: $(VENV)/.installed
+# no Python environment needed: ONNX Runtime from ONNXRUNTIME_ROOT / onnxruntime_DIR, else the
+# onnxruntime wheel of .venv or python3 (scripts/native/build.sh says what to set when neither)
+native:
 	scripts/native/build.sh build/native

@@ -2,7 +2,8 @@
 
 The runner is built once per session (scripts/native/build.sh, into build/native or
 $CAM_ORT_BUILD); the reference is the Python ONNX Runtime session (:class:`OrtCAM`) on the same
-model file, and torch's antialiased resize for the preprocessing.
+model file, torchvision's decoders and torch's antialiased resize for the preprocessing, and
+:func:`cam_engine.postprocess.heatmaps` (explain's rule) for maps at a picture's own size.
 """
 
 from __future__ import annotations
@@ -10,8 +11,10 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import struct
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -19,11 +22,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import make_model
+from PIL import Image
+from torchvision.io import ImageReadMode, decode_image, write_jpeg, write_png
 
 from cam_engine import overlay
 from cam_engine.demo import shapes
 from cam_engine.demo.model import pretrained
 from cam_engine.export import OrtCAM, to_onnx
+from cam_engine.postprocess import heatmaps
 
 ROOT = Path(__file__).resolve().parents[1]
 COMPILERS = [os.environ.get("CXX", ""), "c++", "g++", "clang++"]
@@ -79,12 +85,14 @@ def models(tmp_path_factory) -> dict[str, tuple[Path, torch.Tensor]]:
         batch_size=2,
         **plain,
     )
+    to_onnx(demo, folder / "shapes_maps.onnx", topk=2, upsample=False, check=False, **plain)
     noise = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(3))
     pictures = shapes.single(3, size=64, seed=5).images
     return {
         "resnet18": (folder / "resnet18.onnx", noise),
         "shapes": (folder / "shapes.onnx", pictures),
         "shapes_fixed": (folder / "shapes_fixed.onnx", pictures),
+        "shapes_maps": (folder / "shapes_maps.onnx", pictures),  # (B, K, h, w) maps
     }
 
 
@@ -97,12 +105,14 @@ def run(cam_ort: Path, *args, check: bool = True) -> subprocess.CompletedProcess
     return done
 
 
-def predictions(out: Path) -> dict[str, list[tuple[int, float]]]:
-    """predictions.tsv: name -> [(class, logit), ...]."""
-    table = {}
-    for line in (out / "predictions.tsv").read_text().splitlines():
-        name, *pairs = line.split("\t")
-        table[name] = [(int(c), float(v)) for c, v in (p.split(":") for p in pairs)]
+def predictions(out: Path) -> dict[str, list[tuple[int, float, float]]]:
+    """predictions.tsv: name -> [(class, probability, logit), ...] in the file's order."""
+    header, *rows = (out / "predictions.tsv").read_text().splitlines()
+    assert header == "image\tclass\tprobability\tlogit"
+    table: dict[str, list[tuple[int, float, float]]] = {}
+    for row in rows:
+        name, c, p, logit = row.split("\t")
+        table.setdefault(name, []).append((int(c), float(p), float(logit)))
     return table
 
 
@@ -133,22 +143,26 @@ def test_npy_inputs_match_ortcam(cam_ort, models, tmp_path, name):
         got = np.load(tmp_path / "out" / f"x_{b}.heatmaps.npy")
         assert got.shape == tuple(ref.heatmaps.shape[1:])
         np.testing.assert_allclose(got, ref.heatmaps[b].numpy(), rtol=0, atol=TOL)
-        classes, logits = zip(*table[f"x_{b}"], strict=True)
+        classes, probabilities, logits = zip(*table[f"x_{b}"], strict=True)
         assert list(classes) == ref.classes[b].tolist()
         want = ref.logits[b, ref.classes[b]].numpy()
         np.testing.assert_allclose(logits, want, rtol=1e-6, atol=1e-6)
+        want = ref.logits[b].double().softmax(0)[ref.classes[b]].numpy()
+        np.testing.assert_allclose(probabilities, want, rtol=1e-6, atol=1e-7)
 
 
 def test_images_preprocessed_from_metadata(cam_ort, models, tmp_path):
     """PPM / PGM of another size: resized (antialiased bilinear) and normalised with the
-    metadata's mean / std as torch does it; heatmaps and overlays as the Python side's."""
+    metadata's mean / std as torch does it; heatmaps and overlays at the model's size
+    (--model-size) as the Python side's."""
     path, _ = models["resnet18"]
     meta = OrtCAM(path, providers=["CPUExecutionProvider"]).metadata
     pictures = (shapes.single(2, size=96, seed=7).images[..., 8:88, :] * 255).round().byte()
     write_pnm(tmp_path / "rgb.ppm", pictures[0])  # 80 x 96: shrunk to 64 x 64
     write_pnm(tmp_path / "grey.pgm", pictures[1, 1])
     out = tmp_path / "out"
-    run(cam_ort, path, tmp_path / "rgb.ppm", tmp_path / "grey.pgm", "--out", out, "--save-input")
+    ppm, pgm = tmp_path / "rgb.ppm", tmp_path / "grey.pgm"
+    run(cam_ort, path, ppm, pgm, "--out", out, "--save-input", "--model-size")
 
     rgb = torch.stack([pictures[0], pictures[1, 1].expand(3, -1, -1)]).float() / 255
     small = F.interpolate(rgb, size=(64, 64), mode="bilinear", antialias=True, align_corners=False)
@@ -163,11 +177,130 @@ def test_images_preprocessed_from_metadata(cam_ort, models, tmp_path):
     for b, name in enumerate(("rgb", "grey")):
         maps = np.load(out / f"{name}.heatmaps.npy")
         np.testing.assert_allclose(maps, ref.heatmaps[b].numpy(), rtol=0, atol=TOL)
-        assert [c for c, _ in table[name]] == ref.classes[b].tolist()
+        assert [row[0] for row in table[name]] == ref.classes[b].tolist()
         for j, c in enumerate(ref.classes[b].tolist()):
             drawn = torch.from_numpy(read_ppm(out / f"{name}.{c}.ppm").copy()).permute(2, 0, 1)
             # one level: a map value at a rounding boundary may pick the next colour
             assert (drawn.int() - colours[b, j].int()).abs().max() <= 1
+
+
+def test_png_and_jpeg_at_their_own_size(cam_ort, models, tmp_path):
+    """PNG and JPEG pictures of 80x96 (the model takes 64x64): decoded as torchvision decodes
+    them; maps from the file's (h, w) maps to the picture's size as explain makes them
+    (postprocess.heatmaps), overlays over the picture; --model-size gives the file's maps, the
+    same from the pictures as from their inputs saved as .npy, and OrtCAM's."""
+    path, _ = models["shapes_maps"]
+    picture = (shapes.single(1, size=96, seed=7).images[0, :, 8:88] * 255).round().byte()
+    files = {"p": tmp_path / "p.png", "j": tmp_path / "j.jpg"}
+    write_png(picture, str(files["p"]))
+    write_jpeg(picture, str(files["j"]), quality=90)
+    out, model_size, npy = tmp_path / "out", tmp_path / "model_size", tmp_path / "npy"
+    run(cam_ort, path, *files.values(), "--out", out, "--save-input")
+    run(cam_ort, path, *files.values(), "--out", model_size, "--model-size")
+    saved = [out / f"{name}.input.npy" for name in files]
+    run(cam_ort, path, *saved, "--out", npy, "--model-size")
+    session = OrtCAM(path, providers=["CPUExecutionProvider"])
+    table = predictions(out)
+    for name, file in files.items():
+        decoded = decode_image(str(file), ImageReadMode.RGB)  # (3, 80, 96) uint8
+        want = F.interpolate(decoded[None] / 255, size=(64, 64), mode="bilinear", antialias=True)
+        x = torch.from_numpy(np.load(out / f"{name}.input.npy"))[None]
+        if name == "p":
+            torch.testing.assert_close(x, want, rtol=0, atol=TOL)
+        else:  # stb_image's JPEG decoder is not libjpeg's: a few pixels a level or more off
+            torch.testing.assert_close(x, want, rtol=0, atol=3 / 255)
+            assert (x - want).abs().mean() < 0.25 / 255
+        ref = session(x)
+        maps = heatmaps(ref.heatmaps, (80, 96))  # (1, K, 80, 96)
+        got = np.load(out / f"{name}.heatmaps.npy")
+        assert got.shape == (2, 80, 96) and maps.amax() == 1
+        np.testing.assert_allclose(got, maps[0].numpy(), rtol=0, atol=TOL)
+        for small in (model_size / f"{name}.heatmaps.npy", npy / f"{name}.input.heatmaps.npy"):
+            np.testing.assert_allclose(np.load(small), ref.heatmaps[0].numpy(), rtol=0, atol=TOL)
+        colours = overlay(decoded[None], maps)[0]  # (K, 3, 80, 96)
+        classes, probabilities, _ = zip(*table[name], strict=True)
+        assert list(classes) == ref.classes[0].tolist()
+        want = ref.logits[0].double().softmax(0)[ref.classes[0]].numpy()
+        np.testing.assert_allclose(probabilities, want, rtol=1e-6, atol=1e-7)
+        for j, c in enumerate(classes):
+            drawn = torch.from_numpy(read_ppm(out / f"{name}.{c}.ppm").copy()).permute(2, 0, 1)
+            assert drawn.shape == (3, 80, 96)
+            # a level at a rounding boundary; JPEG: half of the decoders' 3 levels, too
+            assert (drawn.int() - colours[j].int()).abs().max() <= (1 if name == "p" else 3)
+
+
+def test_grey_palette_and_rgba_png_read_as_rgb(cam_ort, models, tmp_path):
+    """Grey, palette and RGBA PNGs give the model the RGB input of torchvision's RGB decoding
+    (grey copied to the channels, the palette looked up, alpha dropped)."""
+    path, _ = models["shapes"]
+    rgb = (shapes.single(1, size=64, seed=3).images[0] * 255).round().byte().permute(1, 2, 0)
+    alpha = np.random.default_rng(0).integers(0, 256, (64, 64, 1), dtype=np.uint8)
+    pictures = {
+        "grey": Image.fromarray(rgb.numpy()).convert("L"),
+        "palette": Image.fromarray(rgb.numpy()).quantize(16),
+        "rgba": Image.fromarray(np.concatenate([rgb.numpy(), alpha], axis=2), "RGBA"),
+    }
+    for name, picture in pictures.items():
+        picture.save(tmp_path / f"{name}.png")
+    files = [tmp_path / f"{name}.png" for name in pictures]
+    run(cam_ort, path, *files, "--out", tmp_path / "out", "--save-input")
+    for file in files:
+        want = decode_image(str(file), ImageReadMode.RGB) / 255
+        got = torch.from_numpy(np.load(tmp_path / "out" / f"{file.stem}.input.npy"))
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-7)
+
+
+def test_build_folder_runs_when_copied(cam_ort, models, tmp_path):
+    """The build folder carries the ONNX Runtime library (a file, not a link into a virtualenv)
+    and cam-ort finds it through its run path ($ORIGIN): a copy runs with no LD_LIBRARY_PATH."""
+    build, copy = cam_ort.parent, tmp_path / "elsewhere"
+    copy.mkdir()
+    library = build / "libonnxruntime.so.1"
+    assert library.is_file() and not library.is_symlink()
+    # the CUDA / TensorRT provider libraries (hundreds of MB) are not needed on the CPU
+    for file in [cam_ort, library, *build.glob("libonnxruntime_providers_shared.so")]:
+        shutil.copy2(file, copy)
+    env = {"PATH": os.environ.get("PATH", ""), "LD_LIBRARY_PATH": ""}
+    linked = subprocess.run(["ldd", copy / "cam-ort"], capture_output=True, text=True, env=env)
+    assert f"libonnxruntime.so.1 => {copy}/libonnxruntime.so.1" in linked.stdout
+    path, x = models["shapes"]
+    np.save(tmp_path / "x.npy", x[:1].numpy())
+    done = subprocess.run(
+        [copy / "cam-ort", path, tmp_path / "x.npy", "--out", tmp_path / "out", "--threads", "1"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr
+    ref = OrtCAM(path, providers=["CPUExecutionProvider"])(x[:1])
+    got = np.load(tmp_path / "out" / "x.heatmaps.npy")
+    np.testing.assert_allclose(got, ref.heatmaps[0].numpy(), rtol=0, atol=TOL)
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_native_installs_no_python_environment(tmp_path):
+    done = subprocess.run(
+        ["make", "-n", "native", f"VENV={tmp_path / 'venv'}"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert done.stdout.splitlines() == ["scripts/native/build.sh build/native"]
+
+
+def test_without_the_wheel_fetch_ort_says_what_to_set(tmp_path):
+    """A Python without onnxruntime (here one that fails every command): the script stops and
+    names ONNXRUNTIME_ROOT and onnxruntime_DIR."""
+    python = tmp_path / "python"
+    python.write_text("#!/bin/sh\nexit 1\n")
+    python.chmod(0o755)
+    script = ROOT / "scripts" / "native" / "fetch_ort.sh"
+    done = subprocess.run([script, tmp_path / "ort", python], capture_output=True, text=True)
+    assert done.returncode == 1
+    assert done.stderr.startswith(f"fetch_ort: no onnxruntime Python package for {python}")
+    assert "ONNXRUNTIME_ROOT=<prefix with include/ and lib/>" in done.stderr
+    assert "onnxruntime_DIR=<folder of onnxruntimeConfig.cmake>" in done.stderr
 
 
 def test_fixed_batch_and_given_classes(cam_ort, models, tmp_path):
@@ -181,7 +314,7 @@ def test_fixed_batch_and_given_classes(cam_ort, models, tmp_path):
     for b in range(len(x)):
         got = np.load(tmp_path / "out" / f"x_{b}.heatmaps.npy")
         np.testing.assert_allclose(got, ref[b].numpy(), rtol=0, atol=TOL)
-        assert [c for c, _ in predictions(tmp_path / "out")[f"x_{b}"]] == [3, 1]
+        assert [row[0] for row in predictions(tmp_path / "out")[f"x_{b}"]] == [3, 1]
 
 
 def test_bench_reports_percentiles(cam_ort, models, tmp_path):
@@ -209,7 +342,7 @@ def _npy(tmp_path: Path, name: str, array: np.ndarray) -> Path:
         ("channels", "expected a float32 (B, 3, H, W) or (3, H, W) array"),
         ("float64", "expected a float32 array ('<f4')"),
         ("size", "input is 32x32 but the model takes 64x64"),
-        ("not-an-image", "not a binary PPM (P6) or PGM (P5) image"),
+        ("not-an-image", "not a PNG, JPEG, binary PPM (P6) or PGM (P5) image"),
         ("provider", "unknown provider 'tpu'; available: cpu, cuda, tensorrt"),
         ("classes", "--classes needs a model exported with classes_input=True"),
         ("no-metadata", "has no 'cam_engine' metadata"),
@@ -265,6 +398,15 @@ def _npy_file(header: str, data: bytes = b"", version: int = 1, length: int | No
 
 def _npy_shape(shape: str, data: bytes = b"", descr: str = "'<f4'", order: str = "False") -> bytes:
     return _npy_file(f"{{'descr': {descr}, 'fortran_order': {order}, 'shape': {shape}, }}", data)
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    crc = zlib.crc32(kind + data).to_bytes(4, "big")
+    return len(data).to_bytes(4, "big") + kind + data + crc
+
+
+def _png(*chunks: bytes) -> bytes:
+    return b"\x89PNG\r\n\x1a\n" + b"".join(chunks) + _png_chunk(b"IEND", b"")
 
 
 _PIXELS = bytes(64 * 64 * 3)
@@ -355,10 +497,10 @@ HOSTILE = {
         "a 64x64 P5 image with maximum value 65535 needs 8192 bytes of pixels, the file has 4096",
     ),
     "header-eof.ppm": (b"P6\n64 64\n", "the file ends before its maximum value"),
-    "empty.ppm": (b"", "not a binary PPM (P6) or PGM (P5) image (starts '')"),
+    "empty.ppm": (b"", "not a PNG, JPEG, binary PPM (P6) or PGM (P5) image (starts '')"),
     "ascii.ppm": (
         b"P3\n1 1\n255\n0 0 0\n",
-        "not a binary PPM (P6) or PGM (P5) image (starts 'P3')",
+        "not a PNG, JPEG, binary PPM (P6) or PGM (P5) image (starts 'P3')",
     ),
     "glued.ppm": (b"P664 64 255\n" + _PIXELS, "no whitespace after the magic number 'P6'"),
     "maxval-0.pgm": (b"P5\n4 4\n0\n" + bytes(16), "maximum value 0 is out of range 1..65535"),
@@ -377,6 +519,20 @@ HOSTILE = {
         b"P5\n64 64\n100\n" + bytes([255]) * 4096,
         "sample value 255 is above the maximum value 100",
     ),
+    # 45 bytes that claim 90 million pixels: refused before the decoder allocates them
+    "huge.png": (
+        _png(_png_chunk(b"IHDR", struct.pack(">IIBBBBB", 10000, 9000, 8, 2, 0, 0, 0))),
+        "a 10000x9000 image is over the 89478485 pixels decoded",
+    ),
+    "cut.png": (
+        _png(
+            _png_chunk(b"IHDR", struct.pack(">IIBBBBB", 4, 4, 8, 2, 0, 0, 0)),
+            # a zlib stream of one stored block of 5 bytes: 4 rows of 13 are needed
+            _png_chunk(b"IDAT", b"\x78\x01\x01\x05\x00\xfa\xff" + bytes(5)),
+        ),
+        "cannot decode the image (not enough pixels)",
+    ),
+    "bad.jpg": (b"\xff\xd8\xff" + bytes(20), "cannot read the image header (unknown image type)"),
 }
 
 

@@ -351,8 +351,8 @@ def _onnx_runtime(case: Case) -> Any:
     return ort
 
 
-def _ort_cam(case: Case) -> Prepared:
-    _onnx_runtime(case)
+def _cam_file(case: Case) -> Path:
+    """The case's exported CAM file (top-1 maps at the input's size), written once."""
     export = _import("cam_engine.export", "cam_engine.export (the ONNX export issue)")
     path = case.workdir / f"{case.tag}-{case.method}-cam.onnx"
     if not path.exists():
@@ -367,8 +367,26 @@ def _ort_cam(case: Case) -> Prepared:
             )
         except (ValueError, NotImplementedError) as exc:
             raise Unavailable(f"export failed: {exc}") from exc
-    session = export.OrtCAM(path, device=case.x.device)
+    return path
+
+
+def _ort_cam(case: Case) -> Prepared:
+    _onnx_runtime(case)
+    from ..export import OrtCAM
+
+    session = OrtCAM(_cam_file(case), device=case.x.device)
     return Prepared(session, lambda res: res.heatmaps)
+
+
+def _plain_file(case: Case) -> Path:
+    """The case's model as a plain ONNX file (logits only), written once."""
+    path = case.workdir / f"{case.tag}-plain.onnx"
+    if not path.exists():
+        with torch.no_grad():
+            torch.onnx.export(
+                case.model, (case.x,), path, dynamo=True, external_data=False, verbose=False
+            )
+    return path
 
 
 def _ort_plain(case: Case) -> Prepared:
@@ -376,13 +394,9 @@ def _ort_plain(case: Case) -> Prepared:
     from ..export.runtime import default_providers, run_bound
 
     ort = _onnx_runtime(case)
-    path = case.workdir / f"{case.tag}-plain.onnx"
-    if not path.exists():
-        with torch.no_grad():
-            torch.onnx.export(
-                case.model, (case.x,), path, dynamo=True, external_data=False, verbose=False
-            )
-    session = ort.InferenceSession(str(path), providers=default_providers(case.x.device))
+    session = ort.InferenceSession(
+        str(_plain_file(case)), providers=default_providers(case.x.device)
+    )
     (source,), (target,) = session.get_inputs(), session.get_outputs()
     if not case.x.is_cuda:
         return Prepared(
@@ -397,6 +411,36 @@ def _ort_plain(case: Case) -> Prepared:
         return run_bound(session, {source.name: x}, {target.name: logits})[target.name]
 
     return Prepared(call)
+
+
+# OpenVINO ----------------------------------------------------------------------------------------
+
+
+def _openvino(case: Case) -> None:
+    """``Unavailable`` unless OpenVINO can run ``case`` (installed; CPU float32 inputs)."""
+    _import("openvino", "openvino")
+    if case.x.is_cuda or torch.is_autocast_enabled(case.x.device.type):
+        raise Unavailable("OpenVINO runs the float32 file on the CPU here")
+
+
+def _ov_cam(case: Case) -> Prepared:
+    _openvino(case)
+    from ..export import OvCAM
+
+    return Prepared(OvCAM(_cam_file(case)), lambda res: res.heatmaps)
+
+
+def _ov_plain(case: Case) -> Prepared:
+    _openvino(case)
+    from ..export.openvino import OvSession
+
+    session = OvSession(_plain_file(case), "CPU", None)
+    (output,) = session.get_outputs()
+    (source,) = session.compiled.inputs
+    feed = source.get_any_name()
+    return Prepared(
+        lambda x: torch.from_numpy(session.run([output.name], {feed: x.detach().numpy()})[0])
+    )
 
 
 BACKENDS: dict[str, Backend] = {
@@ -436,6 +480,14 @@ BACKENDS: dict[str, Backend] = {
             baseline="ort-plain",
             methods=("gradcam", "cam"),
             note="exported CAM model, ONNX Runtime",
+        ),
+        Backend("ov-plain", _ov_plain, baseline=None),
+        Backend(
+            "ov-cam",
+            _ov_cam,
+            baseline="ov-plain",
+            methods=("gradcam", "cam"),
+            note="exported CAM model, OpenVINO (CPU)",
         ),
     )
 }

@@ -40,8 +40,8 @@ A shape is a list of ints (fixed axes) and strings (named dynamic axes: ``batch`
 
 The C++ runner ``cam-ort`` (export/cam_ort/main.cpp) reads ``inputs.x`` (a fixed batch when its
 first entry is an int; the channel count), whether ``inputs`` has ``classes``, ``input_size``,
-``dynamic_size``, ``topk``, ``alpha``, ``mean`` and ``std``; it ignores the other keys and does
-not check ``schema_version``.
+``dynamic_size``, ``normalize``, ``topk``, ``alpha``, ``mean`` and ``std``; it ignores the other
+keys and does not check ``schema_version``.
 """
 
 from __future__ import annotations

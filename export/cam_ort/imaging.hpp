@@ -5,6 +5,7 @@
 #include <array>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -120,23 +121,80 @@ inline std::vector<std::array<uint8_t, 3>> colormap(const std::string& name) {
     return lut;
 }
 
-// One heatmap (H, W) in [0, 1] blended over the picture of a model input x (3, H, W), recovered
-// as x * std + mean: round(alpha * colour + (1 - alpha) * picture), as cam_engine.overlay.
-inline Image overlay(const float* heatmap, const float* x, int height, int width,
-                     const std::array<float, 3>& mean, const std::array<float, 3>& std,
+// The 8-bit picture of a model input x (3, H, W): round(clamp(x * std + mean, 0, 1) * 255).
+inline Image picture_of(const Planar& x, const std::array<float, 3>& mean,
+                        const std::array<float, 3>& std) {
+    Image out{x.width, x.height, std::vector<uint8_t>(static_cast<size_t>(x.width) * x.height * 3)};
+    const size_t plane = static_cast<size_t>(x.height) * x.width;
+    for (size_t p = 0; p < plane; ++p)
+        for (size_t c = 0; c < 3; ++c)
+            out.rgb[3 * p + c] = static_cast<uint8_t>(
+                std::nearbyint(std::clamp(x.data[c * plane + p] * std[c] + mean[c], 0.0f, 1.0f) *
+                               255.0f));
+    return out;
+}
+
+// One heatmap in [0, 1] at the picture's size blended over it:
+// round(alpha * colour + (1 - alpha) * picture), as cam_engine.overlay.
+inline Image overlay(const float* heatmap, const Image& picture,
                      const std::vector<std::array<uint8_t, 3>>& lut, float alpha) {
-    Image out{width, height, std::vector<uint8_t>(static_cast<size_t>(width) * height * 3)};
-    const size_t plane = static_cast<size_t>(height) * width;
+    Image out{picture.width, picture.height, std::vector<uint8_t>(picture.rgb.size())};
+    const size_t plane = static_cast<size_t>(picture.height) * picture.width;
     for (size_t p = 0; p < plane; ++p) {
         const float h = heatmap[p];
         const int level = std::isnan(h) ? 0 : static_cast<int>(std::clamp(
                                                    std::nearbyint(255.0f * h), 0.0f, 255.0f));
         for (size_t c = 0; c < 3; ++c) {
-            const float picture = std::clamp(x[c * plane + p] * std[c] + mean[c], 0.0f, 1.0f);
-            const float base = std::nearbyint(picture * 255.0f);
-            const float blend = lut[level][c] * alpha + base * (1.0f - alpha);
+            const float blend = lut[level][c] * alpha + picture.rgb[3 * p + c] * (1.0f - alpha);
             out.rgb[3 * p + c] = static_cast<uint8_t>(std::clamp(std::nearbyint(blend), 0.0f, 255.0f));
         }
+    }
+    return out;
+}
+
+// K maps (K, h, w) resized to (height, width) as cam_engine.postprocess.heatmaps does: bilinear
+// with half-pixel centres (torch's interpolate, align_corners=False, no antialiasing), then, when
+// `normalize`, each map min-max normalised, a flat map (range within 16 float32 epsilons of its
+// magnitude) all zeros. Min-max after a resize equals min-max of the resized raw maps.
+inline std::vector<float> resize_maps(const float* maps, int64_t k, int h, int w, int height,
+                                      int width, bool normalize) {
+    struct Tap {
+        int lo, hi;
+        double weight;  // of hi
+    };
+    const auto taps = [](int in, int out) {
+        std::vector<Tap> t(out);
+        const double scale = static_cast<double>(in) / out;
+        for (int i = 0; i < out; ++i) {
+            const double source = std::max(scale * (i + 0.5) - 0.5, 0.0);
+            const int lo = std::min(static_cast<int>(source), in - 1);
+            t[i] = {lo, std::min(lo + 1, in - 1), source - lo};
+        }
+        return t;
+    };
+    const std::vector<Tap> ty = taps(h, height), tx = taps(w, width);
+    const size_t plane = static_cast<size_t>(height) * width;
+    std::vector<float> out(static_cast<size_t>(k) * plane);
+    for (int64_t j = 0; j < k; ++j) {
+        const float* map = maps + j * static_cast<size_t>(h) * w;
+        float* dst = out.data() + j * plane;
+        for (int y = 0; y < height; ++y) {
+            const float* top = map + static_cast<size_t>(ty[y].lo) * w;
+            const float* bottom = map + static_cast<size_t>(ty[y].hi) * w;
+            for (int x = 0; x < width; ++x) {
+                const Tap& t = tx[x];
+                const double upper = top[t.lo] + t.weight * (top[t.hi] - top[t.lo]);
+                const double lower = bottom[t.lo] + t.weight * (bottom[t.hi] - bottom[t.lo]);
+                dst[static_cast<size_t>(y) * width + x] =
+                    static_cast<float>(upper + ty[y].weight * (lower - upper));
+            }
+        }
+        if (!normalize) continue;
+        const auto [low, high] = std::minmax_element(dst, dst + plane);
+        const float min = *low, range = *high - *low;
+        const float flat = 16 * std::numeric_limits<float>::epsilon() *
+                           std::max(std::abs(*low), std::abs(*high));
+        for (size_t p = 0; p < plane; ++p) dst[p] = range <= flat ? 0.0f : (dst[p] - min) / range;
     }
     return out;
 }

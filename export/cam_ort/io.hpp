@@ -1,4 +1,5 @@
-// File edges of cam-ort: binary PPM (P6) / PGM (P5) images and NumPy .npy arrays.
+// File edges of cam-ort: PNG and JPEG (stb_image), binary PPM (P6) / PGM (P5) images and NumPy
+// .npy arrays.
 #pragma once
 
 #include <cctype>
@@ -7,10 +8,13 @@
 #include <filesystem>
 #include <fstream>
 #include <limits>
+#include <memory>
 #include <set>
 #include <stdexcept>
 #include <string>
 #include <vector>
+
+#include <stb_image.h>  // compiled once, for PNG and JPEG only, in stb_image.cpp
 
 namespace cam_ort {
 
@@ -117,7 +121,8 @@ inline Image read_pnm(const std::string& path) {
     std::string magic;
     for (int i = 0; i < 2 && in.left() > 0; ++i) magic += static_cast<char>(in.get());
     if (magic != "P6" && magic != "P5")
-        in.fail("not a binary PPM (P6) or PGM (P5) image (starts '" + shown(magic) + "')");
+        in.fail("not a PNG, JPEG, binary PPM (P6) or PGM (P5) image (starts '" + shown(magic) +
+                "')");
     const int after = in.get();
     if (after != '#' && !std::isspace(after))
         in.fail("no whitespace after the magic number '" + magic + "'");
@@ -154,6 +159,44 @@ inline Image read_pnm(const std::string& path) {
         }
     }
     return image;
+}
+
+// The most pixels a PNG or JPEG may declare to be decoded: explain's --max-pixels default (PIL's
+// MAX_IMAGE_PIXELS), checked on the header before the decoder allocates anything.
+constexpr uint64_t kMaxPixels = 89478485;
+
+// Decodes a PNG or JPEG file with stb_image as 8-bit RGB: grey copied to the three channels,
+// alpha dropped, 16-bit samples cut to 8 bits.
+inline Image read_png_jpeg(const std::string& path) {
+    detail::Input in(path);
+    if (in.size() > static_cast<uint64_t>(std::numeric_limits<int>::max()))
+        in.fail("the file is over 2 GiB, more than the PNG / JPEG decoder takes");
+    std::vector<uint8_t> bytes(in.size());
+    in.read(bytes.data(), bytes.size(), "data");
+    const int size = static_cast<int>(bytes.size());
+    int width = 0, height = 0, channels = 0;
+    if (!stbi_info_from_memory(bytes.data(), size, &width, &height, &channels))
+        in.fail(std::string("cannot read the image header (") + stbi_failure_reason() + ")");
+    if (static_cast<uint64_t>(width) * static_cast<uint64_t>(height) > kMaxPixels)
+        in.fail("a " + std::to_string(width) + "x" + std::to_string(height) +
+                " image is over the " + std::to_string(kMaxPixels) + " pixels decoded");
+    const std::unique_ptr<stbi_uc, void (*)(void*)> pixels(
+        stbi_load_from_memory(bytes.data(), size, &width, &height, &channels, 3), stbi_image_free);
+    if (!pixels) in.fail(std::string("cannot decode the image (") + stbi_failure_reason() + ")");
+    return Image{width, height,
+                 std::vector<uint8_t>(pixels.get(), pixels.get() + size_t{3} * width * height)};
+}
+
+// Reads a picture as 8-bit RGB, its format told by its first bytes: PNG, JPEG, else PPM / PGM.
+inline Image read_image(const std::string& path) {
+    std::string head;
+    {
+        detail::Input in(path);
+        for (int i = 0; i < 8 && in.left() > 0; ++i) head += static_cast<char>(in.get());
+    }
+    if (head.rfind("\x89PNG\r\n\x1a\n", 0) == 0 || head.rfind("\xff\xd8\xff", 0) == 0)
+        return read_png_jpeg(path);
+    return read_pnm(path);
 }
 
 inline void write_ppm(const std::string& path, const Image& image) {

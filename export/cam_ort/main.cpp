@@ -1,10 +1,11 @@
 // cam-ort: run a model written by cam_engine.export.to_onnx with ONNX Runtime's C++ API and
-// write its heatmaps (.npy) and colour overlays (.ppm), with no Python at run time.
+// write its heatmaps (.npy) and colour overlays (.ppm) at each image's size, with no Python at run
+// time.
 //
 //   cam-ort MODEL.onnx INPUT... [--out DIR] [--provider cpu|cuda|tensorrt] [--bench N] ...
 //
-// INPUT: binary PPM/PGM images (resized and normalised as the model's metadata says) or float32
-// .npy model inputs, (C, H, W) or (B, C, H, W), taken as they are. See usage() for the options.
+// INPUT: PNG, JPEG, binary PPM/PGM images (resized and normalised as the model's metadata says) or
+// float32 .npy model inputs, (C, H, W) or (B, C, H, W), taken as they are. See kUsage.
 
 #include <onnxruntime_cxx_api.h>
 
@@ -28,12 +29,15 @@ namespace {
 const char* kUsage = R"(usage: cam-ort MODEL.onnx INPUT... [options]
 
 Runs a model exported by cam_engine.export.to_onnx and writes, per image, into --out:
-  <name>.heatmaps.npy   float32 (K, H, W) heatmaps in [0, 1] (files with a heatmaps output)
-  <name>.<class>.ppm    colour overlay of each explained class
-  predictions.tsv       name, then class:logit for each explained class
-INPUT: binary PPM (P6) / PGM (P5) images, resized to the model's input size and normalised with
-  its mean/std (metadata); or float32 .npy model inputs (C, H, W) / (B, C, H, W), used as given.
-  A malformed input, or an option out of range, stops the run (exit code 2) with the reason.
+  <name>.heatmaps.npy   float32 (K, H, W) heatmaps in [0, 1] (files with a heatmaps output) at
+                        the image's own size (.npy inputs: the input's), or --model-size
+  <name>.<class>.ppm    colour overlay of each explained class, the same size
+  predictions.tsv       a header line, then one row per map: image, class, probability (softmax
+                        of the logits), logit
+INPUT: PNG, JPEG, binary PPM (P6) / PGM (P5) images (the format told by the first bytes), resized
+  whole to the model's input size and normalised with its mean/std (metadata); or float32 .npy
+  model inputs (C, H, W) / (B, C, H, W), used as given. A malformed input, or an option out of
+  range, stops the run (exit code 2) with the reason.
 
 options:
   --out DIR             output folder (default cam_ort_out)
@@ -45,6 +49,8 @@ options:
   --classes C1,C2,...   classes to explain, for models exported with classes_input=True
   --threads N           ONNX Runtime intra-op threads, 1..1024 (default: ORT's choice)
   --colormap NAME       overlay colours: jet (default) or gray
+  --model-size          maps and overlays as the model outputs them (its input size, or the
+                        target map's for files exported with upsample=False), not resized
   --no-overlay          write no .ppm overlays
   --save-input          also write <name>.input.npy: the preprocessed model input (C, H, W)
   --bench N             time N (1..1000000) more runs of the first batch: latency percentiles,
@@ -58,7 +64,7 @@ struct Options {
     std::vector<std::string> inputs;
     std::vector<int64_t> classes;
     int device = 0, batch = 0, threads = 0, bench = 0, warmup = 3, height = 0, width = 0;
-    bool overlays = true, save_input = false;
+    bool overlays = true, save_input = false, model_size = false;
 };
 
 // The integer `text` of an option, digits only (no sign, no spaces), in [min, max].
@@ -109,6 +115,8 @@ Options parse_options(int argc, char** argv) {
             o.overlays = false;
         } else if (arg == "--save-input") {
             o.save_input = true;
+        } else if (arg == "--model-size") {
+            o.model_size = true;
         } else if (arg == "--size") {
             const std::string size = value();
             const size_t x = size.find('x');
@@ -153,7 +161,7 @@ Options parse_options(int argc, char** argv) {
 struct Model {
     int channels = 3, height = 0, width = 0, fixed_batch = 0, topk = 1;  // fixed_batch 0: dynamic
     int64_t num_classes = 0;
-    bool dynamic_size = false, takes_classes = false;
+    bool dynamic_size = false, takes_classes = false, normalize = true;
     std::array<float, 3> mean{}, std{};
     float alpha = 0.5f;
     std::vector<std::string> outputs;
@@ -168,6 +176,7 @@ Model read_metadata(const Json& meta) {
     m.height = static_cast<int>(meta.at("input_size").array.at(0).integer());
     m.width = static_cast<int>(meta.at("input_size").array.at(1).integer());
     m.dynamic_size = meta.at("dynamic_size").boolean;
+    m.normalize = meta.at("normalize").boolean;
     m.takes_classes = meta.at("inputs").has("classes");
     m.topk = static_cast<int>(meta.at("topk").integer());
     m.num_classes = meta.at("num_classes").integer();
@@ -224,10 +233,12 @@ void append_provider(Ort::SessionOptions& options, const Options& o) {
     }
 }
 
-// One model input (C, H, W) and the name its outputs are written under.
+// One model input (C, H, W), the image file it was made from (empty for .npy inputs) and the name
+// its outputs are written under.
 struct Sample {
     std::string name;
     Planar x;
+    std::string picture;
 };
 
 std::string unique_name(const std::string& name, std::set<std::string>& taken) {
@@ -249,7 +260,7 @@ std::vector<Sample> load_inputs(const Options& o, const Model& m) {
                 throw std::runtime_error("the model takes " + std::to_string(m.channels) +
                                          " channels; images give 3 (pass .npy inputs)");
             samples.push_back({unique_name(stem, taken),
-                               preprocess(read_pnm(path), height, width, m.mean, m.std)});
+                               preprocess(read_image(path), height, width, m.mean, m.std), path});
             continue;
         }
         Array a = read_npy(path);
@@ -268,7 +279,7 @@ std::vector<Sample> load_inputs(const Options& o, const Model& m) {
                      static_cast<int>(a.shape[3]),
                      std::vector<float>(a.data.begin() + b * size, a.data.begin() + (b + 1) * size)};
             const std::string name = a.shape[0] == 1 ? stem : stem + "_" + std::to_string(b);
-            samples.push_back({unique_name(name, taken), std::move(x)});
+            samples.push_back({unique_name(name, taken), std::move(x), {}});
         }
     }
     for (const Sample& s : samples) {
@@ -347,24 +358,33 @@ std::vector<int64_t> shape_of(const Ort::Value& value) {
     return value.GetTensorTypeAndShapeInfo().GetShape();
 }
 
+// Softmax of `n` logits, in double precision.
+std::vector<double> softmax(const float* logits, int64_t n) {
+    const double top = *std::max_element(logits, logits + n);
+    std::vector<double> p(logits, logits + n);
+    for (double& v : p) v = std::exp(v - top);
+    const double total = std::accumulate(p.begin(), p.end(), 0.0);
+    for (double& v : p) v /= total;
+    return p;
+}
+
 // Writes the outputs of samples [first, first + count) of a batch.
 void write_results(const Options& o, const Model& m, const std::vector<Sample>& samples,
                    size_t first, size_t count, std::map<std::string, Ort::Value>& out,
                    std::ofstream& table) {
     const auto lut = colormap(o.colormap);
-    const auto logits_shape = shape_of(out.at("logits"));
+    const int64_t n = shape_of(out.at("logits"))[1];
     const float* logits = out.at("logits").GetTensorData<float>();
     const int64_t* classes = out.at("classes").GetTensorData<int64_t>();
     const int64_t k = shape_of(out.at("classes"))[1];
     for (size_t b = 0; b < count; ++b) {
         const Sample& s = samples[first + b];
         const std::string base = (fs::path(o.out) / s.name).string();
-        table << s.name;
+        const std::vector<double> p = softmax(logits + b * n, n);
         for (int64_t j = 0; j < k; ++j) {
             const int64_t c = classes[b * k + j];
-            table << '\t' << c << ':' << logits[b * logits_shape[1] + c];
+            table << s.name << '\t' << c << '\t' << p[c] << '\t' << logits[b * n + c] << '\n';
         }
-        table << '\n';
         if (o.save_input)
             write_npy(base + ".input.npy", s.x.data.data(), {s.x.channels, s.x.height, s.x.width});
         if (out.count("overlay")) {  // exported with a colour map: the file drew them
@@ -381,16 +401,27 @@ void write_results(const Options& o, const Model& m, const std::vector<Sample>& 
             }
             continue;
         }
-        const auto shape = shape_of(out.at("heatmaps"));  // (B, K, H', W')
-        const size_t plane = static_cast<size_t>(shape[2] * shape[3]);
-        const float* maps = out.at("heatmaps").GetTensorData<float>() + b * k * plane;
-        write_npy(base + ".heatmaps.npy", maps, {k, shape[2], shape[3]});
+        // the picture the maps are drawn over: the image, decoded again (only one original is in
+        // memory at a time), else the model input's
+        const Image picture = !o.model_size && !s.picture.empty() ? read_image(s.picture)
+                                                                  : picture_of(s.x, m.mean, m.std);
+        const auto shape = shape_of(out.at("heatmaps"));  // (B, K, h, w)
+        const int h = static_cast<int>(shape[2]), w = static_cast<int>(shape[3]);
+        const float* maps = out.at("heatmaps").GetTensorData<float>() + b * k * h * w;
+        std::vector<float> resized;
+        int height = h, width = w;
+        if (!o.model_size && (h != picture.height || w != picture.width)) {
+            height = picture.height;
+            width = picture.width;
+            resized = resize_maps(maps, k, h, w, height, width, m.normalize);
+            maps = resized.data();
+        }
+        write_npy(base + ".heatmaps.npy", maps, {k, height, width});
         // maps at the feature map's size (upsample=False) have no picture of their size
-        if (!o.overlays || shape[2] != s.x.height || shape[3] != s.x.width) continue;
+        if (!o.overlays || height != picture.height || width != picture.width) continue;
         for (int64_t j = 0; j < k; ++j)
             write_ppm(base + "." + std::to_string(classes[b * k + j]) + ".ppm",
-                      overlay(maps + j * plane, s.x.data.data(), s.x.height, s.x.width, m.mean,
-                              m.std, lut, m.alpha));
+                      overlay(maps + j * height * width, picture, lut, m.alpha));
     }
 }
 
@@ -471,7 +502,7 @@ int run(const Options& o) {
 
     fs::create_directories(o.out);
     std::ofstream table(fs::path(o.out) / "predictions.tsv");
-    table << std::setprecision(9);
+    table << std::setprecision(9) << "image\tclass\tprobability\tlogit\n";
     Runner runner(session, m, o.classes);
     std::vector<int64_t> shape;
     auto batch_at = [&](size_t first) {

@@ -3,6 +3,8 @@
 # ONNX Runtime: a user's install through onnxruntime_DIR (its CMake config folder) or
 # ONNXRUNTIME_ROOT (a release archive or a prefix with include/ and lib/); otherwise
 # fetch_ort.sh puts trixie's headers and the Python wheel's library under <build dir>/ort.
+# stb_image.h: libstb-dev, or STB_ROOT. The build folder gets a copy of the ONNX Runtime library
+# (CMakeLists.txt): it runs when copied to another machine.
 # Environment: PYTHON (default .venv/bin/python, else python3), JOBS (default 2), CMAKE.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
@@ -14,6 +16,7 @@ python=${PYTHON:-$root/.venv/bin/python}
 cmake=${CMAKE:-cmake}
 
 args=(-S "$root" -B "$build" -DCMAKE_BUILD_TYPE=Release)
+[[ -n "${STB_ROOT:-}" ]] && args+=("-DSTB_ROOT=$STB_ROOT")
 if [[ -n "${onnxruntime_DIR:-}" ]]; then
     args+=("-Donnxruntime_DIR=$onnxruntime_DIR")
 elif [[ -n "${ONNXRUNTIME_ROOT:-}" ]]; then

@@ -12,7 +12,20 @@ python=${2:-python3}
 mkdir -p "$dest/lib"
 dest=$(cd "$dest" && pwd)
 
+# Without apt or the wheel, the user points the build at an ONNX Runtime.
+give_up() {
+    echo "fetch_ort: $1. Point the build at an ONNX Runtime instead:" >&2
+    echo "  ONNXRUNTIME_ROOT=<prefix with include/ and lib/> make native   (e.g. a release" \
+        "archive from https://github.com/microsoft/onnxruntime/releases, unpacked)" >&2
+    echo "  onnxruntime_DIR=<folder of onnxruntimeConfig.cmake> make native" >&2
+    exit 1
+}
+capi=$("$python" -c 'import onnxruntime, os; print(os.path.dirname(onnxruntime.__file__))' \
+    2>/dev/null)/capi || give_up "no onnxruntime Python package for $python (PYTHON=...)"
+
 if [[ ! -f "$dest/include/onnxruntime_cxx_api.h" ]]; then
+    command -v apt-get >/dev/null && command -v dpkg >/dev/null ||
+        give_up "no apt-get / dpkg to fetch the ONNX Runtime headers"
     tmp=$(mktemp -d)
     trap 'rm -rf "$tmp"' EXIT
     mkdir -p "$tmp/lists/partial" "$tmp/cache/archives/partial" "$tmp/parts"
@@ -31,12 +44,8 @@ if [[ ! -f "$dest/include/onnxruntime_cxx_api.h" ]]; then
     cp -r "$tmp/root/usr/include/onnxruntime" "$dest/include"
 fi
 
-capi=$("$python" -c 'import onnxruntime, os; print(os.path.dirname(onnxruntime.__file__))')/capi
 library=$(ls "$capi"/libonnxruntime.so.* 2>/dev/null | head -n 1)
-if [[ -z "$library" ]]; then
-    echo "fetch_ort: no libonnxruntime.so.* in $capi (is onnxruntime installed for $python?)" >&2
-    exit 1
-fi
+[[ -n "$library" ]] || give_up "no libonnxruntime.so.* in $capi"
 ln -sf "$library" "$dest/lib/libonnxruntime.so.1"
 ln -sf libonnxruntime.so.1 "$dest/lib/libonnxruntime.so"
 for provider in "$capi"/libonnxruntime_providers_*.so; do
