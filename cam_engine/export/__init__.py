@@ -9,6 +9,7 @@ the export's settings, ``CAMMetadata`` the description stored in the file.
 from .graphs import GapCAM, PoolMLPGradCAM, Postprocess, find_pool_mlp
 from .metadata import METADATA_KEY, SCHEMA_VERSION, CAMMetadata
 from .options import IMAGENET_MEAN, IMAGENET_STD, ExportOptions
+from .quantize import quantize
 from .runtime import OrtCAM, OrtResult, default_providers
 from .writer import ExportResult, optimize, to_onnx
 
@@ -20,6 +21,7 @@ __all__ = [
     "METADATA_KEY",
     "SCHEMA_VERSION",
     "optimize",
+    "quantize",
     "OrtCAM",
     "OrtResult",
     "default_providers",
