@@ -351,10 +351,12 @@ def _onnx_runtime(case: Case) -> Any:
     return ort
 
 
-def _ort_cam(case: Case) -> Prepared:
-    _onnx_runtime(case)
+def _ort_cam_file(case: Case, topk: int = 1, int8: str | None = None) -> Path:
+    """The case's exported CAM model explaining ``topk`` classes (made once per workdir), or
+    its ``int8`` (``"static"`` / ``"dynamic"``) quantised copy."""
     export = _import("cam_engine.export", "cam_engine.export (the ONNX export issue)")
-    path = case.workdir / f"{case.tag}-{case.method}-cam.onnx"
+    name = f"{case.tag}-{case.method}-cam" + (f"-top{topk}" if topk > 1 else "")
+    path = case.workdir / f"{name}.onnx"
     if not path.exists():
         try:
             export.to_onnx(
@@ -362,13 +364,41 @@ def _ort_cam(case: Case) -> Prepared:
                 path,
                 target_layer=case.layer,
                 method=case.method,
-                topk=1,
+                topk=topk,
                 input_size=case.size,
             )
         except (ValueError, NotImplementedError) as exc:
             raise Unavailable(f"export failed: {exc}") from exc
-    session = export.OrtCAM(path, device=case.x.device)
-    return Prepared(session, lambda res: res.heatmaps)
+    if int8 is None:
+        return path
+    quantized = case.workdir / f"{name}-int8-{int8}.onnx"
+    if not quantized.exists():
+        # static ranges from other images than the timed batch, of the same distribution
+        generator = torch.Generator().manual_seed(1)
+        calibration = [torch.randn(case.x.shape, generator=generator).numpy()]
+        export.quantize(path, quantized, int8, calibration if int8 == "static" else None)
+    return quantized
+
+
+def _ort_cam(case: Case, topk: int = 1, int8: str | None = None) -> Prepared:
+    _onnx_runtime(case)
+    from ..export import OrtCAM
+
+    session = OrtCAM(_ort_cam_file(case, topk, int8), device=case.x.device)
+    # every row is checked on the top-1 map
+    return Prepared(session, lambda res: res.heatmaps[:, :1])
+
+
+def _ort_cam_top3(case: Case) -> Prepared:
+    return _ort_cam(case, topk=3)
+
+
+def _ort_cam_int8(case: Case) -> Prepared:
+    return _ort_cam(case, int8="static")
+
+
+def _ort_cam_int8_dynamic(case: Case) -> Prepared:
+    return _ort_cam(case, int8="dynamic")
 
 
 def _ort_plain(case: Case) -> Prepared:
@@ -436,6 +466,27 @@ BACKENDS: dict[str, Backend] = {
             baseline="ort-plain",
             methods=("gradcam", "cam"),
             note="exported CAM model, ONNX Runtime",
+        ),
+        Backend(
+            "ort-cam-top3",
+            _ort_cam_top3,
+            baseline="ort-plain",
+            methods=("gradcam", "cam"),
+            note="exported CAM model, 3 maps per image (the top-1 map is checked)",
+        ),
+        Backend(
+            "ort-cam-int8",
+            _ort_cam_int8,
+            baseline="ort-plain",
+            methods=("gradcam", "cam"),
+            note="exported CAM model, int8 static quantisation (export.quantize)",
+        ),
+        Backend(
+            "ort-cam-int8-dynamic",
+            _ort_cam_int8_dynamic,
+            baseline="ort-plain",
+            methods=("gradcam", "cam"),
+            note="exported CAM model, int8 dynamic quantisation (export.quantize)",
         ),
     )
 }
