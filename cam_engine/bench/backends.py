@@ -37,6 +37,8 @@ __all__ = [
     "fc_name",
     "PgcCAM",
     "PGC_CLASSES",
+    "ort_cam_file",
+    "ort_plain_file",
 ]
 
 
@@ -351,7 +353,7 @@ def _onnx_runtime(case: Case) -> Any:
     return ort
 
 
-def _ort_cam_file(case: Case, topk: int = 1, int8: str | None = None) -> Path:
+def ort_cam_file(case: Case, topk: int = 1, int8: str | None = None) -> Path:
     """The case's exported CAM model explaining ``topk`` classes (made once per workdir), or
     its ``int8`` (``"static"`` / ``"dynamic"``) quantised copy."""
     export = _import("cam_engine.export", "cam_engine.export (the ONNX export issue)")
@@ -384,7 +386,7 @@ def _ort_cam(case: Case, topk: int = 1, int8: str | None = None) -> Prepared:
     _onnx_runtime(case)
     from ..export import OrtCAM
 
-    session = OrtCAM(_ort_cam_file(case, topk, int8), device=case.x.device)
+    session = OrtCAM(ort_cam_file(case, topk, int8), device=case.x.device)
     # every row is checked on the top-1 map
     return Prepared(session, lambda res: res.heatmaps[:, :1])
 
@@ -401,17 +403,23 @@ def _ort_cam_int8_dynamic(case: Case) -> Prepared:
     return _ort_cam(case, int8="dynamic")
 
 
-def _ort_plain(case: Case) -> Prepared:
-    """The plain ONNX model; on CUDA its input and logits stay in GPU memory, as ``ort-cam``'s."""
-    from ..export.runtime import default_providers, run_bound
-
-    ort = _onnx_runtime(case)
+def ort_plain_file(case: Case) -> Path:
+    """The case's model exported as it is, logits only (made once per workdir)."""
     path = case.workdir / f"{case.tag}-plain.onnx"
     if not path.exists():
         with torch.no_grad():
             torch.onnx.export(
                 case.model, (case.x,), path, dynamo=True, external_data=False, verbose=False
             )
+    return path
+
+
+def _ort_plain(case: Case) -> Prepared:
+    """The plain ONNX model; on CUDA its input and logits stay in GPU memory, as ``ort-cam``'s."""
+    from ..export.runtime import default_providers, run_bound
+
+    ort = _onnx_runtime(case)
+    path = ort_plain_file(case)
     session = ort.InferenceSession(str(path), providers=default_providers(case.x.device))
     (source,), (target,) = session.get_inputs(), session.get_outputs()
     if not case.x.is_cuda:
