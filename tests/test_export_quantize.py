@@ -84,3 +84,5 @@ def test_node_profile_accounts_for_every_node(shapes_file, held_out):
     assert cam.runs == 2 and cam.wall_ms > 0
     table = overhead_table(profiles["a"], cam)
     assert "| CAM model: post |" in table and "`/post/Resize` | Resize |" in table
+    beyond = cam.kernel_ms - cam.by_stage()["trunk"]
+    assert f"| CAM model, all but the trunk | {beyond:.1f} |" in table
