@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import onnx
 import pytest
+import torch
+from conftest import images
+from test_export import small_vgg
 
 from cam_engine.bench.ort_profile import overhead_table, profile_sessions
 from cam_engine.demo import model as demo
@@ -51,6 +54,22 @@ def test_int8_maps_within_tolerance_of_float32(shapes_file, held_out, mode, tmp_
     assert (int8.classes[:, 0] == fp32.classes[:, 0]).all()
     diff = abs(int8.heatmaps[:, 0] - fp32.heatmaps[:, 0])
     assert 0 < diff.mean() < 0.01 and diff.max() < 0.1
+
+
+def test_weights_the_cam_part_reads_stay_float32(tmp_path):
+    # VGG's MLP head: the CAM part gathers the last layer's rows and multiplies by every layer's
+    # weight (its backward); dynamic quantisation rewrites each Gemm as a MatMul, which
+    # transposed those shared weights for every reader before they got their own copies
+    path = tmp_path / "vgg.onnx"
+    to_onnx(small_vgg(), path, method="gradcam", input_size=(32, 32))
+    x = images(3, 32, torch.float32).numpy()
+    int8 = quantize(path, tmp_path / "int8.onnx", "dynamic")
+    assert "MatMulInteger" in {node.op_type for node in onnx.load(str(int8)).graph.node}
+    got, want = OrtCAM(int8)(x), OrtCAM(path)(x)
+    assert got.heatmaps.shape == want.heatmaps.shape == (3, 1, 32, 32)
+    # random weights: int8 moves the maps, but they stay those of the same classes
+    assert (got.classes == want.classes).all()
+    assert abs(got.heatmaps - want.heatmaps).mean() < 0.2
 
 
 def test_quantize_refuses_bad_arguments(shapes_file, held_out, tmp_path):

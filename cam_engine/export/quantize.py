@@ -75,11 +75,8 @@ def quantize(
     if out.resolve() == path.resolve():
         raise ValueError(f"out must differ from the quantised file {path}")
     model = onnx.load(str(path))
-    nodes = [
-        node.name
-        for node in model.graph.node
-        if node.op_type in QUANTIZED_OPS and stage(node.name) in ("trunk", "head")
-    ]
+    metadata, description = list(model.metadata_props), model.doc_string
+    nodes = _quantizable(model.graph)
     if not nodes:
         raise ValueError(
             f"{path} has no trunk or head {'/'.join(QUANTIZED_OPS)} nodes to quantise (only "
@@ -88,18 +85,53 @@ def quantize(
     out.parent.mkdir(parents=True, exist_ok=True)
     with replacing(out) as (staged,):
         if mode == "dynamic":
+            # its Gemm -> MatMul rewrite renames the nodes it quantises
+            gemms = {n.name for n in model.graph.node if n.op_type == "Gemm"}
+            renamed = [f"{name}_MatMul" if name in gemms else name for name in nodes]
             q.quantize_dynamic(
-                path, staged, nodes_to_quantize=nodes, per_channel=per_channel,
+                model, staged, nodes_to_quantize=renamed, per_channel=per_channel,
                 weight_type=q.QuantType.QInt8,
             )  # fmt: skip
         else:  # signed activations: unsigned ones saturate on CPUs without VNNI (this one)
             q.quantize_static(
-                path, staged, _Batches(calibration), quant_format=q.QuantFormat.QDQ,
+                model, staged, _Batches(calibration), quant_format=q.QuantFormat.QDQ,
                 nodes_to_quantize=nodes, per_channel=per_channel,
                 activation_type=q.QuantType.QInt8, weight_type=q.QuantType.QInt8,
             )  # fmt: skip
-        _keep_metadata(model, staged, mode)
+        _keep_metadata(metadata, description, staged, mode)
     return out
+
+
+def _quantizable(graph) -> list[str]:
+    """The trunk's and head's :data:`QUANTIZED_OPS` nodes, each given its own copy of any
+    weight that another node reads too (in place).
+
+    The CAM part reads the head's weights in float32 (the FC rows of the chosen classes, the
+    MLP's backward), and the quantiser rewrites a quantised node's weight in place (dynamic mode
+    first turns every ``Gemm`` into a ``MatMul``, transposing its weight for all its readers).
+    """
+    import onnx
+
+    weights = {tensor.name: tensor for tensor in graph.initializer}
+    chosen = [
+        node
+        for node in graph.node
+        if node.op_type in QUANTIZED_OPS and stage(node.name) in ("trunk", "head")
+    ]
+    names = {node.name for node in chosen}
+    readers: dict[str, set[str]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, set()).add(node.name)
+    for node in chosen:
+        for i, name in enumerate(node.input):
+            if name in weights and readers[name] - names:
+                private = onnx.TensorProto()
+                private.CopyFrom(weights[name])
+                private.name = f"{name}@{node.name}"
+                graph.initializer.append(private)
+                node.input[i] = private.name
+    return [node.name for node in chosen]
 
 
 class _Batches:
@@ -113,14 +145,14 @@ class _Batches:
         return None if batch is None else {"x": batch}
 
 
-def _keep_metadata(source, path: Path, mode: str) -> None:
-    """Copy the ``cam_engine`` metadata onto the quantised file (the quantiser drops it) and say
-    in its description that it is int8."""
+def _keep_metadata(metadata: list, description: str, path: Path, mode: str) -> None:
+    """Put the source file's metadata entries back on the quantised file at ``path`` (the
+    quantiser drops them) and say in its description that it is int8."""
     import onnx
 
     model = onnx.load(str(path))
     if not any(entry.key == METADATA_KEY for entry in model.metadata_props):
-        for entry in source.metadata_props:
+        for entry in metadata:
             model.metadata_props.add().CopyFrom(entry)
-    model.doc_string = f"{source.doc_string} (int8, {mode} quantisation)"
+    model.doc_string = f"{description} (int8, {mode} quantisation)"
     onnx.save(model, str(path))
