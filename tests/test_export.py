@@ -459,7 +459,7 @@ def test_vgg11_bn_gradcam(tmp_path):
     # VGG's head (7x7 pool -> flatten -> linear, ReLU, dropout, linear, ReLU, dropout, linear) at
     # 1/16 of its width: the same graph to export, without 120M parameters to write and read
     torch.manual_seed(0)
-    for i, (fan_in, fan_out) in zip((0, 3, 6), ((25088, 256), (256, 256), (256, 100))):
+    for i, (fan_in, fan_out) in {0: (25088, 256), 3: (256, 256), 6: (256, 100)}.items():
         model.classifier[i] = nn.Linear(fan_in, fan_out)
     path = tmp_path / "vgg.onnx"
     result = to_onnx(model, path, method="gradcam", topk=2, input_size=(64, 64),

@@ -37,6 +37,8 @@ __all__ = [
     "fc_name",
     "PgcCAM",
     "PGC_CLASSES",
+    "ort_cam_file",
+    "ort_plain_file",
 ]
 
 
@@ -351,10 +353,12 @@ def _onnx_runtime(case: Case) -> Any:
     return ort
 
 
-def _cam_file(case: Case) -> Path:
-    """The case's exported CAM file (top-1 maps at the input's size), written once."""
+def ort_cam_file(case: Case, topk: int = 1, int8: str | None = None) -> Path:
+    """The case's exported CAM model explaining ``topk`` classes (made once per workdir), or
+    its ``int8`` (``"static"`` / ``"dynamic"``) quantised copy."""
     export = _import("cam_engine.export", "cam_engine.export (the ONNX export issue)")
-    path = case.workdir / f"{case.tag}-{case.method}-cam.onnx"
+    name = f"{case.tag}-{case.method}-cam" + (f"-top{topk}" if topk > 1 else "")
+    path = case.workdir / f"{name}.onnx"
     if not path.exists():
         try:
             export.to_onnx(
@@ -362,24 +366,45 @@ def _cam_file(case: Case) -> Path:
                 path,
                 target_layer=case.layer,
                 method=case.method,
-                topk=1,
+                topk=topk,
                 input_size=case.size,
             )
         except (ValueError, NotImplementedError) as exc:
             raise Unavailable(f"export failed: {exc}") from exc
-    return path
+    if int8 is None:
+        return path
+    quantized = case.workdir / f"{name}-int8-{int8}.onnx"
+    if not quantized.exists():
+        # static ranges from other images than the timed batch, of the same distribution
+        generator = torch.Generator().manual_seed(1)
+        calibration = [torch.randn(case.x.shape, generator=generator).numpy()]
+        export.quantize(path, quantized, int8, calibration if int8 == "static" else None)
+    return quantized
 
 
-def _ort_cam(case: Case) -> Prepared:
+def _ort_cam(case: Case, topk: int = 1, int8: str | None = None) -> Prepared:
     _onnx_runtime(case)
     from ..export import OrtCAM
 
-    session = OrtCAM(_cam_file(case), device=case.x.device)
-    return Prepared(session, lambda res: res.heatmaps)
+    session = OrtCAM(ort_cam_file(case, topk, int8), device=case.x.device)
+    # every row is checked on the top-1 map
+    return Prepared(session, lambda res: res.heatmaps[:, :1])
 
 
-def _plain_file(case: Case) -> Path:
-    """The case's model as a plain ONNX file (logits only), written once."""
+def _ort_cam_top3(case: Case) -> Prepared:
+    return _ort_cam(case, topk=3)
+
+
+def _ort_cam_int8(case: Case) -> Prepared:
+    return _ort_cam(case, int8="static")
+
+
+def _ort_cam_int8_dynamic(case: Case) -> Prepared:
+    return _ort_cam(case, int8="dynamic")
+
+
+def ort_plain_file(case: Case) -> Path:
+    """The case's model exported as it is, logits only (made once per workdir)."""
     path = case.workdir / f"{case.tag}-plain.onnx"
     if not path.exists():
         with torch.no_grad():
@@ -389,14 +414,14 @@ def _plain_file(case: Case) -> Path:
     return path
 
 
+
 def _ort_plain(case: Case) -> Prepared:
     """The plain ONNX model; on CUDA its input and logits stay in GPU memory, as ``ort-cam``'s."""
     from ..export.runtime import default_providers, run_bound
 
     ort = _onnx_runtime(case)
-    session = ort.InferenceSession(
-        str(_plain_file(case)), providers=default_providers(case.x.device)
-    )
+    path = ort_plain_file(case)
+    session = ort.InferenceSession(str(path), providers=default_providers(case.x.device))
     (source,), (target,) = session.get_inputs(), session.get_outputs()
     if not case.x.is_cuda:
         return Prepared(
@@ -427,14 +452,14 @@ def _ov_cam(case: Case) -> Prepared:
     _openvino(case)
     from ..export import OvCAM
 
-    return Prepared(OvCAM(_cam_file(case)), lambda res: res.heatmaps)
+    return Prepared(OvCAM(ort_cam_file(case)), lambda res: res.heatmaps)
 
 
 def _ov_plain(case: Case) -> Prepared:
     _openvino(case)
     from ..export.openvino import OvSession
 
-    session = OvSession(_plain_file(case), "CPU", None)
+    session = OvSession(ort_plain_file(case), "CPU", None)
     (output,) = session.get_outputs()
     (source,) = session.compiled.inputs
     feed = source.get_any_name()
@@ -488,6 +513,27 @@ BACKENDS: dict[str, Backend] = {
             baseline="ov-plain",
             methods=("gradcam", "cam"),
             note="exported CAM model, OpenVINO (CPU)",
+        ),
+        Backend(
+            "ort-cam-top3",
+            _ort_cam_top3,
+            baseline="ort-plain",
+            methods=("gradcam", "cam"),
+            note="exported CAM model, 3 maps per image (the top-1 map is checked)",
+        ),
+        Backend(
+            "ort-cam-int8",
+            _ort_cam_int8,
+            baseline="ort-plain",
+            methods=("gradcam", "cam"),
+            note="exported CAM model, int8 static quantisation (export.quantize)",
+        ),
+        Backend(
+            "ort-cam-int8-dynamic",
+            _ort_cam_int8_dynamic,
+            baseline="ort-plain",
+            methods=("gradcam", "cam"),
+            note="exported CAM model, int8 dynamic quantisation (export.quantize)",
         ),
     )
 }

@@ -11,6 +11,7 @@ from .graphs import GapCAM, PoolMLPGradCAM, Postprocess, find_pool_mlp
 from .metadata import METADATA_KEY, SCHEMA_VERSION, CAMMetadata
 from .openvino import OvCAM
 from .options import IMAGENET_MEAN, IMAGENET_STD, ExportOptions
+from .quantize import quantize
 from .runtime import OrtCAM, OrtResult, default_providers
 from .writer import ExportResult, optimize, to_onnx
 
@@ -22,6 +23,7 @@ __all__ = [
     "METADATA_KEY",
     "SCHEMA_VERSION",
     "optimize",
+    "quantize",
     "OrtCAM",
     "OvCAM",
     "OrtResult",
