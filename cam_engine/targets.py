@@ -8,8 +8,8 @@
   per image (bools and floats are refused, not read as class ids);
 - :class:`TopK` / :class:`BottomK`: the k highest / lowest scoring classes;
 - a score target: :class:`SoftmaxScore`, :class:`ReSTScore`, :class:`BinaryScore`,
-  :class:`SegmentationScore`, or any function ``output -> scores (B, K)`` (or (B,)) of the
-  model's (selected) output.
+  :class:`SegmentationScore`, :class:`SimilarityScore`, or any function
+  ``output -> scores (B, K)`` (or (B,)) of the model's (selected) output.
 
 Class ids are the fast path: their gradient is a one-hot ``grad_outputs`` (or, on
 global-average-pool -> linear heads, the closed form); score targets take one backward of their
@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "ReSTScore",
     "BinaryScore",
     "SegmentationScore",
+    "SimilarityScore",
     "Targets",
     "Resolved",
     "is_class_ids",
@@ -173,6 +175,44 @@ class SegmentationScore(Target):
         def scores(out: Tensor, rows: Tensor) -> Tensor:
             picked = out.gather(1, classes[rows, :, None, None].expand(-1, -1, *out.shape[-2:]))
             return (picked * mask[rows, None]).sum(dim=(-2, -1))
+
+        return Resolved(classes, scores, False)
+
+
+@dataclass(frozen=True)
+class SimilarityScore(Target):
+    """Cosine similarity of the model's embedding to a concept embedding, for (B, D) outputs
+    (retrieval, re-identification, CLIP-style image towers).
+
+    pytorch-grad-cam's ``SimilarityToConceptTarget`` (its embeddings tutorial).
+
+    Attributes:
+        concept: (D,) for every image, or (B, D): one concept per image.
+    """
+
+    concept: Tensor
+
+    def resolve(self, output: Tensor) -> Resolved:
+        if output.ndim != 2:
+            raise ValueError(
+                f"SimilarityScore needs (B, D) embeddings, got outputs {tuple(output.shape)}"
+            )
+        concept = torch.as_tensor(self.concept, device=output.device)
+        if not concept.is_floating_point() or concept.shape[-1:] != output.shape[1:]:
+            raise ValueError(
+                f"the concept must be a float (D,) or (B, D) tensor with D = {output.shape[1]}, "
+                f"got {concept.dtype} {tuple(concept.shape)}"
+            )
+        if concept.ndim not in (1, 2) or (concept.ndim == 2 and len(concept) != len(output)):
+            raise ValueError(
+                f"concept of shape {tuple(concept.shape)} does not fit a batch of {len(output)}: "
+                "give one (D,) for every image or (B, D), one per image"
+            )
+        concept = concept.to(output.dtype).expand_as(output)
+        classes = torch.full((output.shape[0], 1), -1, dtype=torch.long, device=output.device)
+
+        def scores(out: Tensor, rows: Tensor) -> Tensor:
+            return F.cosine_similarity(out, concept[rows], dim=1)[:, None]
 
         return Resolved(classes, scores, False)
 

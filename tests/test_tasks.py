@@ -129,3 +129,62 @@ def test_segeigencam_sign_makes_the_larger_extreme_positive():
     centred = a[0, 0] - a.mean()  # [-3, -2, -2, 7]: |max| > |min|
     assert_close(segeigencam(a, g)[0, 0], centred.relu(), atol=1e-12, rtol=0)
     assert_close(segeigencam(-a, g)[0, 0], centred.relu(), atol=1e-12, rtol=0)
+
+
+# 2. embeddings -----------------------------------------------------------------------------------
+
+
+class SimilarityToConceptTarget:
+    """pytorch-grad-cam's embeddings tutorial target (not in its package): cosine similarity of
+    one image's embedding to a concept embedding."""
+
+    def __init__(self, features: Tensor) -> None:
+        self.features = features
+
+    def __call__(self, model_output: Tensor) -> Tensor:
+        return torch.nn.CosineSimilarity(dim=0)(model_output, self.features)
+
+
+@pytest.fixture(scope="module")
+def embedder() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        nn.Linear(16, 12),
+    ).double()  # fmt: skip
+    return calibrate_bn(model, images(8, 16, seed=5))
+
+
+@pytest.mark.parametrize("method", ["gradcam", "layercam"])
+def test_similarity_score_matches_pytorch_grad_cam(embedder, method):
+    x = images(2, 16)
+    with torch.no_grad():
+        concepts = embedder(images(2, 16, seed=9))  # embeddings of two other images
+    engine = ce.CAMEngine(embedder, "5", method)
+    cls = {"gradcam": pgc.GradCAM, "layercam": pgc.LayerCAM}[method]
+    for concept, per_image in ((concepts[0], [concepts[0]] * 2), (concepts, list(concepts))):
+        res = engine(x, ce.targets.SimilarityScore(concept))
+        assert torch.equal(res.classes, torch.full((2, 1), -1))
+        targets = [SimilarityToConceptTarget(c) for c in per_image]
+        expected = pgc_maps(cls, embedder, "5", x, targets)
+        assert expected.std() > 0.1
+        assert_close(res.heatmaps[:, 0], expected, atol=TOL, rtol=0)
+    # the concept matters: the other image's concept gives another map
+    other = engine(x, ce.targets.SimilarityScore(concepts[1])).heatmaps
+    assert not torch.allclose(
+        other[0], engine(x, ce.targets.SimilarityScore(concepts[0])).heatmaps[0], atol=1e-3
+    )
+
+
+def test_similarity_score_rejects_bad_concepts(embedder):
+    engine = ce.CAMEngine(embedder, "5")
+    x = images(2, 16)
+    for concept, message in (
+        (torch.ones(5, dtype=torch.float64), "D = 12"),
+        (torch.ones(3, 12, dtype=torch.float64), "does not fit a batch of 2"),
+        (torch.ones(12, dtype=torch.long), "float"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            engine(x, ce.targets.SimilarityScore(concept))
