@@ -11,10 +11,11 @@ import pytest
 import torch
 import torchvision
 from conftest import calibrate_bn, images
-from test_methods import minmax
+from test_methods import minmax, signed_projection, upsample_minmax
 from torch import Tensor, nn
 from torch.testing import assert_close
 from torchvision.models._utils import IntermediateLayerGetter
+from torchvision.models.detection import fasterrcnn_mobilenet_v3_large_320_fpn
 from torchvision.models.segmentation import (
     deeplabv3_mobilenet_v3_large,
     lraspp_mobilenet_v3_large,
@@ -22,6 +23,7 @@ from torchvision.models.segmentation import (
 from torchvision.models.segmentation.fcn import FCN, FCNHead
 
 import cam_engine as ce
+from cam_engine.detection import detector, pack_detections
 
 pgc = pytest.importorskip("pytorch_grad_cam")
 from pytorch_grad_cam.utils import model_targets as mt  # noqa: E402
@@ -188,3 +190,158 @@ def test_similarity_score_rejects_bad_concepts(embedder):
     ):
         with pytest.raises(ValueError, match=message):
             engine(x, ce.targets.SimilarityScore(concept))
+
+
+# 3. detection ------------------------------------------------------------------------------------
+
+FPN = "backbone.fpn.layer_blocks.0"  # the finest FPN level: 4x4 at 128 px
+
+
+@pytest.fixture(scope="module")
+def frcnn() -> nn.Module:
+    """Faster R-CNN (mobilenet_v3_large_320_fpn, 5 classes) at 128 px, every proposal kept.
+
+    The backbone's BatchNorm is calibrated and the box predictor's init widened, so that the
+    detections have distinct boxes and unsaturated scores (0.7-0.95): the gradient of
+    pytorch-grad-cam's box score is then far from the ties where it is numerical noise.
+    """
+    torch.manual_seed(0)
+    model = fasterrcnn_mobilenet_v3_large_320_fpn(
+        weights=None, weights_backbone=None, num_classes=5, min_size=128, max_size=128,
+        box_score_thresh=0.0,
+    )  # fmt: skip
+    calibrate_bn(model.backbone.body, torch.randn(4, 3, 128, 128))
+    nn.init.normal_(model.roi_heads.box_predictor.cls_score.weight, std=0.02)
+    nn.init.normal_(model.roi_heads.box_predictor.bbox_pred.weight, std=0.02)
+    return model.double().eval()
+
+
+def _pictures() -> Tensor:
+    return torch.rand(
+        2, 3, 128, 128, dtype=torch.float64, generator=torch.Generator().manual_seed(3)
+    )
+
+
+def test_pack_detections_pads_ragged_outputs():
+    boxes = torch.tensor([[1.0, 2.0, 5.0, 6.0], [0.0, 0.0, 3.0, 3.0]])
+    out = [
+        {"boxes": boxes, "scores": torch.tensor([0.9, 0.4]), "labels": torch.tensor([3, 1])},
+        {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0).long()},
+    ]
+    packed = pack_detections(out)
+    assert packed.shape == (2, 2, 6)
+    assert_close(packed[0], torch.tensor([[1.0, 2, 5, 6, 0.9, 3], [0, 0, 3, 3, 0.4, 1]]))
+    assert_close(packed[1], torch.tensor([[0.0, 0, 0, 0, 0, -1]] * 2))
+    with pytest.raises(ValueError, match="one dict"):
+        pack_detections(torch.zeros(2, 6))
+
+
+def _detections(seed: int, count: int) -> dict[str, Tensor]:
+    """``count`` random detections in a 64 px image, as a torchvision detector returns them."""
+    g = torch.Generator().manual_seed(seed)
+    corner = torch.rand(count, 2, generator=g, dtype=torch.float64) * 40
+    size = 4 + torch.rand(count, 2, generator=g, dtype=torch.float64) * 20
+    return {
+        "boxes": torch.cat([corner, corner + size], 1),
+        "scores": torch.rand(count, generator=g, dtype=torch.float64).sort(descending=True)[0],
+        "labels": torch.randint(1, 4, (count,), generator=g),
+    }
+
+
+def test_box_score_equals_pytorch_grad_cams_target():
+    found = [_detections(0, 12), _detections(1, 7), _detections(2, 0)]  # ragged, one empty
+    packed = pack_detections(found)
+    rows = torch.arange(3)
+    # each image's first two detections, moved a little, and boxes that match nothing
+    shift = torch.tensor([1.5, -1.0, 0.5, 2.0], dtype=torch.float64)
+    boxes = [found[0]["boxes"][:2] + shift, found[1]["boxes"][:3] - shift / 4, torch.ones(1, 4)]
+    boxes[2][0, 2:] = 30
+    labels = [found[0]["labels"][:2], torch.tensor([found[1]["labels"][0], 0, 1]), [2]]
+    for threshold in (0.8, 0.5):  # the checks after the loop read 0.5's
+        per_box = ce.targets.BoxScore(labels, boxes, threshold, per_box=True)
+        got = per_box.resolve(packed).scores(packed, rows)  # (3, 3): padded with zeros
+        summed = ce.targets.BoxScore(labels, boxes, threshold).resolve(packed).scores(packed, rows)
+        for i in range(3):
+            for k in range(len(boxes[i])):
+                one = labels[i][k : k + 1], boxes[i][k : k + 1]
+                target = mt.FasterRCNNBoxScoreTarget(*one, threshold)
+                assert_close(got[i, k], target(found[i])[0], atol=1e-12, rtol=0)
+            assert not got[i, len(boxes[i]) :].any()
+            whole = mt.FasterRCNNBoxScoreTarget(labels[i], boxes[i], threshold)(found[i])
+            assert_close(summed[i, 0], whole[0], atol=1e-12, rtol=0)
+    assert got[0, :2].all() and got[1, 0] > 0 and not got[1, 1:].any()  # matches and misses
+    assert torch.equal(
+        per_box.resolve(packed).classes,
+        torch.tensor([[*labels[0], -1], [*labels[1].tolist()], [2, -1, -1]]),
+    )
+    # targets=None: each image's top-scoring detection (none: a zero score)
+    top = ce.targets.resolve(None, packed)
+    assert_close(
+        top.scores(packed, rows)[:, 0],
+        torch.stack(
+            [
+                1 + found[0]["scores"][0],
+                1 + found[1]["scores"][0],
+                torch.tensor(0.0, dtype=torch.float64),
+            ]
+        ),
+    )
+
+
+def test_box_score_rejects_bad_boxes():
+    packed = pack_detections([_detections(0, 5), _detections(1, 5)])
+    box = torch.tensor([[10.0, 10.0, 40.0, 40.0]])
+    for target, message in (
+        (ce.targets.BoxScore([1], torch.tensor([[10.0, 10.0, 5.0, 40.0]])), "x2 > x1"),
+        (ce.targets.BoxScore([1, 2], box), "one integer label per box"),
+        (ce.targets.BoxScore([[1], [2], [3]], box.expand(3, 1, 4)), "batch of 2"),
+        (ce.targets.BoxScore([[1], [2, 3]], [box, box]), "one label per box"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            target.resolve(packed)
+    with pytest.raises(ValueError, match="BoxScore needs detections"):
+        ce.targets.BoxScore([1], box).resolve(torch.zeros(2, 10))
+    with pytest.raises(ValueError, match="needs target_layer"):
+        detector(nn.Identity(), None)
+
+
+def test_gradcam_of_box_scores_matches_pytorch_grad_cam(frcnn):
+    x = _pictures()
+    with torch.no_grad():
+        found = frcnn(x)
+    # the first two detections of each image, moved by a few pixels (IoU about 0.9)
+    shift = torch.tensor([2.0, -1.0, 1.0, 2.0], dtype=torch.float64)
+    boxes = [d["boxes"][:2] + shift for d in found]
+    labels = [d["labels"][:2] for d in found]
+    res = ce.CAMEngine(detector(frcnn, FPN), method="gradcam")(
+        x, ce.targets.BoxScore(labels, boxes)
+    )
+    assert res.cams.shape == (2, 1, 4, 4) and res.logits.shape[::2] == (2, 6)
+    targets = [
+        mt.FasterRCNNBoxScoreTarget(lab, box) for lab, box in zip(labels, boxes, strict=True)
+    ]
+    expected = pgc_maps(pgc.GradCAM, frcnn, FPN, x, targets)
+    assert expected.std() > 0.1
+    assert_close(res.heatmaps[:, 0], expected, atol=TOL, rtol=0)
+
+
+def test_eigencam_on_the_fpn_matches_pytorch_grad_cam(frcnn):
+    x = _pictures()
+    res = ce.CAMEngine(detector(frcnn, FPN), method="eigencam")(x)  # None: the top detection
+
+    class Raw(pgc.EigenCAM):  # its projection, before the ReLU: its sign is the BLAS's
+        def get_cam_image(self, *args, **kwargs):
+            self.raw = super().get_cam_image(*args, **kwargs)
+            return self.raw
+
+    feats = {}
+    hook = frcnn.get_submodule(FPN).register_forward_hook(lambda m, i, o: feats.update(a=o))
+    try:
+        with Raw(frcnn, [frcnn.get_submodule(FPN)]) as cam:
+            cam(x, [lambda out: out["scores"][0]] * 2)
+    finally:
+        hook.remove()
+        frcnn.zero_grad(set_to_none=True)
+    raw = torch.from_numpy(np.asarray(cam.raw)).double()
+    expected = upsample_minmax(signed_projection(raw, feats["a"].detach().sum(1)), (128, 128))
+    assert_close(res.heatmaps[:, 0], expected, atol=TOL, rtol=0)
