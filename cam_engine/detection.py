@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from .graph import HookCapture, find_module_output
 from .model import CAMModel, SplitRunner
 
-__all__ = ["detector", "pack_detections", "DetectorModel"]
+__all__ = ["detector", "default_layer", "pack_detections", "DetectorModel"]
 
 
 def pack_detections(output: Sequence[Mapping[str, Tensor]]) -> Tensor:
@@ -59,12 +59,11 @@ class DetectorModel(CAMModel):
     capture is used from the start.
     """
 
-    def __init__(self, model: nn.Module, target_layer: str) -> None:
+    def __init__(self, model: nn.Module, target_layer: str | None = None) -> None:
+        if target_layer is None:
+            target_layer = default_layer(model)
         if not isinstance(target_layer, str):
-            raise ValueError(
-                "a detector needs target_layer= a module name, e.g. "
-                "'backbone.fpn.layer_blocks.0' (the finest FPN level) or 'backbone.body.16'"
-            )
+            raise ValueError(f"target_layer must be a module name, got {target_layer!r}")
         super().__init__(model, target_layer, output=pack_detections)
 
     def _build(self, example: Tensor) -> SplitRunner:
@@ -75,9 +74,23 @@ class DetectorModel(CAMModel):
         )
 
 
-def detector(model: nn.Module, target_layer: str) -> DetectorModel:
-    """``model`` (a torchvision detector in eval mode) split at ``target_layer``, for
-    :class:`cam_engine.CAMEngine`: its output is the packed detections (B, M, 6).
+def default_layer(model: nn.Module) -> str:
+    """The finest FPN level (``backbone.fpn.layer_blocks.0``: Faster R-CNN, RetinaNet, FCOS),
+    else the backbone's first feature map (``backbone.features.0``: SSD, SSDlite)."""
+    names = {name for name, _ in model.named_modules()}
+    for name in ("backbone.fpn.layer_blocks.0", "backbone.features.0"):
+        if name in names:
+            return name
+    raise ValueError(
+        "no default target layer for this detector (neither a torchvision FPN nor SSD "
+        "backbone): pass target_layer= a module name whose output is a feature map"
+    )
+
+
+def detector(model: nn.Module, target_layer: str | None = None) -> DetectorModel:
+    """``model`` (a torchvision detector in eval mode) split at ``target_layer`` (``None``:
+    :func:`default_layer`), for :class:`cam_engine.CAMEngine`: its output is the packed
+    detections (B, M, 6).
 
     The maps cover the detector's own input (its transform resizes and pads the images): give it
     images at the size it works at (``min_size``) for maps that fit them.

@@ -199,7 +199,8 @@ FPN = "backbone.fpn.layer_blocks.0"  # the finest FPN level: 4x4 at 128 px
 
 @pytest.fixture(scope="module")
 def frcnn() -> nn.Module:
-    """Faster R-CNN (mobilenet_v3_large_320_fpn, 5 classes) at 128 px, every proposal kept.
+    """Faster R-CNN (mobilenet_v3_large_320_fpn, 5 classes) at 128 px, 20 proposals per image
+    (the box head's cost), every detection kept.
 
     The backbone's BatchNorm is calibrated and the box predictor's init widened, so that the
     detections have distinct boxes and unsaturated scores (0.7-0.95): the gradient of
@@ -208,7 +209,8 @@ def frcnn() -> nn.Module:
     torch.manual_seed(0)
     model = fasterrcnn_mobilenet_v3_large_320_fpn(
         weights=None, weights_backbone=None, num_classes=5, min_size=128, max_size=128,
-        box_score_thresh=0.0,
+        box_score_thresh=0.0, rpn_pre_nms_top_n_test=40, rpn_post_nms_top_n_test=20,
+        box_detections_per_img=20,
     )  # fmt: skip
     calibrate_bn(model.backbone.body, torch.randn(4, 3, 128, 128))
     nn.init.normal_(model.roi_heads.box_predictor.cls_score.weight, std=0.02)
@@ -301,8 +303,8 @@ def test_box_score_rejects_bad_boxes():
             target.resolve(packed)
     with pytest.raises(ValueError, match="BoxScore needs detections"):
         ce.targets.BoxScore([1], box).resolve(torch.zeros(2, 10))
-    with pytest.raises(ValueError, match="needs target_layer"):
-        detector(nn.Identity(), None)
+    with pytest.raises(ValueError, match="no default target layer"):
+        detector(nn.Identity())
 
 
 def test_gradcam_of_box_scores_matches_pytorch_grad_cam(frcnn):
@@ -327,7 +329,9 @@ def test_gradcam_of_box_scores_matches_pytorch_grad_cam(frcnn):
 
 def test_eigencam_on_the_fpn_matches_pytorch_grad_cam(frcnn):
     x = _pictures()
-    res = ce.CAMEngine(detector(frcnn, FPN), method="eigencam")(x)  # None: the top detection
+    engine = ce.CAMEngine(detector(frcnn), method="eigencam")
+    assert engine.target_layer == FPN  # the default layer: the finest FPN level
+    res = engine(x)  # None: each image's top detection (Eigen-CAM does not read it)
 
     class Raw(pgc.EigenCAM):  # its projection, before the ReLU: its sign is the BLAS's
         def get_cam_image(self, *args, **kwargs):
@@ -345,3 +349,47 @@ def test_eigencam_on_the_fpn_matches_pytorch_grad_cam(frcnn):
     raw = torch.from_numpy(np.asarray(cam.raw)).double()
     expected = upsample_minmax(signed_projection(raw, feats["a"].detach().sum(1)), (128, 128))
     assert_close(res.heatmaps[:, 0], expected, atol=TOL, rtol=0)
+
+
+def test_cli_detect_draws_each_detection_with_its_map(tmp_path):
+    from PIL import Image
+
+    from cam_engine.cli import main
+
+    g = torch.Generator().manual_seed(4)
+    picture = (torch.rand(48, 64, 3, generator=g) * 255).to(torch.uint8).numpy()
+    Image.fromarray(picture).save(tmp_path / "street.png")
+    out = tmp_path / "out"
+    argv = ["detect", str(tmp_path / "street.png"), "--input-size", "64", "--out", str(out)]
+    torch.manual_seed(0)  # the detector's random weights
+    assert main([*argv, "--score-threshold", "0", "--max-detections", "2"]) == 0
+    rows = (out / "detections.csv").read_text().splitlines()
+    assert rows[0] == "image,k,class_id,class_name,score,x1,y1,x2,y2" and len(rows) == 3
+    for k in range(2):
+        with Image.open(out / f"street.{k}.png") as drawn:
+            assert drawn.size == (64, 64) and drawn.mode == "RGB"
+    # the rows are the detector's own best two detections of the resized image
+    torch.manual_seed(0)
+    model = torchvision.models.get_model(
+        "fasterrcnn_mobilenet_v3_large_320_fpn", weights=None, weights_backbone=None
+    ).eval()
+    model.roi_heads.score_thresh = 0.0
+    x = torchvision.transforms.functional.resize(
+        torch.from_numpy(picture).permute(2, 0, 1), [64, 64]
+    )
+    with torch.no_grad():
+        found = model((x / 255)[None])[0]
+    for k, row in enumerate(rows[1:]):
+        fields = row.split(",")
+        assert fields[:4] == [
+            str(tmp_path / "street.png"),
+            str(k),
+            str(int(found["labels"][k])),
+            f"class {int(found['labels'][k])}",
+        ]
+        assert_close(
+            torch.tensor([float(v) for v in fields[4:]]),
+            torch.cat([found["scores"][k : k + 1], found["boxes"][k]]).float(),
+            atol=0.06,
+            rtol=0,
+        )
