@@ -291,7 +291,7 @@ def _given_boxes(boxes: object, labels: object, output: Tensor) -> tuple[Tensor,
             ids[i, : sizes[i]] = torch.as_tensor(lab, **kwargs)
         boxes, labels = padded, ids
     boxes = torch.as_tensor(boxes, **kwargs)
-    labels = torch.as_tensor(labels, **kwargs)
+    labels = _stacked(labels, kwargs["device"])
     if boxes.ndim == 2:
         boxes = boxes.expand(batch, *boxes.shape)
     if labels.ndim == 1:
@@ -320,6 +320,20 @@ def _top_detection(detections: Tensor) -> Resolved:
     boxes = torch.where(found[..., None], top[..., :4], unit)
     labels = torch.where(found, top[..., 5].long(), _NO_LABEL)
     return BoxScore(labels, boxes, per_box=True).resolve(detections)
+
+
+def _stacked(items: object, device: torch.device) -> Tensor:
+    """``items`` as one tensor: a nested sequence of numbers, or a sequence of tensors or
+    arrays of one length (what a detector's ``labels`` per image are)."""
+    try:
+        return torch.as_tensor(items, device=device)
+    except (TypeError, ValueError, RuntimeError):  # a list of tensors with several elements each
+        try:
+            return torch.stack([torch.as_tensor(item, device=device) for item in items])
+        except (TypeError, RuntimeError):
+            raise ValueError(
+                f"BoxScore needs one integer label per box, got labels {items!r:.80}"
+            ) from None
 
 
 def _box_iou(boxes: Tensor, other: Tensor) -> Tensor:

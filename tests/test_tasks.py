@@ -276,6 +276,14 @@ def test_box_score_equals_pytorch_grad_cams_target():
         per_box.resolve(packed).classes,
         torch.tensor([[*labels[0], -1], [*labels[1].tolist()], [2, -1, -1]]),
     )
+    # boxes (B, n, 4) as one tensor with labels as a list of tensors, as a detector gives them
+    two = [found[i]["boxes"][:2] for i in range(2)], [found[i]["labels"][:2] for i in range(2)]
+    stacked = ce.targets.BoxScore(two[1], torch.stack(two[0]), per_box=True)
+    listed = ce.targets.BoxScore(*reversed(two), per_box=True)
+    assert_close(
+        stacked.resolve(packed[:2]).scores(packed[:2], rows[:2]),
+        listed.resolve(packed[:2]).scores(packed[:2], rows[:2]),
+    )
     # targets=None: each image's top-scoring detection (none: a zero score)
     top = ce.targets.resolve(None, packed)
     assert_close(
@@ -298,6 +306,12 @@ def test_box_score_rejects_bad_boxes():
         (ce.targets.BoxScore([1, 2], box), "one integer label per box"),
         (ce.targets.BoxScore([[1], [2], [3]], box.expand(3, 1, 4)), "batch of 2"),
         (ce.targets.BoxScore([[1], [2, 3]], [box, box]), "one label per box"),
+        (
+            ce.targets.BoxScore(
+                [torch.tensor([1]), torch.tensor([2, 3])], box[None].expand(2, 1, 4)
+            ),
+            "one integer label per box",
+        ),
     ):
         with pytest.raises(ValueError, match=message):
             target.resolve(packed)
