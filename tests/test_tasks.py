@@ -23,6 +23,7 @@ from torchvision.models.segmentation import (
 from torchvision.models.segmentation.fcn import FCN, FCNHead
 
 import cam_engine as ce
+from cam_engine import compat
 from cam_engine.detection import detector, pack_detections
 
 pgc = pytest.importorskip("pytorch_grad_cam")
@@ -114,6 +115,12 @@ def test_segeigencam_matches_pytorch_grad_cam(segmenters):
     targets = [mt.SemanticSegmentationTarget(1, mask.double().numpy())] * 2
     expected = pgc_maps(pgc.SegEigenCAM, Out(model), f"m.{layer}", x, targets)
     assert_close(res.heatmaps[:, 0], expected, atol=TOL, rtol=0)
+    # the same through cam_engine.compat, pytorch-grad-cam's class and targets
+    wrapped = Out(model)
+    with compat.SegEigenCAM(
+        model=wrapped, target_layers=[wrapped.get_submodule(f"m.{layer}")]
+    ) as cam:
+        assert_close(torch.from_numpy(cam(x, targets)).double(), expected, atol=TOL, rtol=0)
     # eigen_smooth is accepted and ignored, as pytorch-grad-cam does
     smooth = ce.CAMEngine(engine.cam_model, method="segeigencam", eigen_smooth=True)
     assert_close(smooth(x, target).heatmaps, res.heatmaps, atol=1e-12, rtol=0)
