@@ -75,12 +75,17 @@ class DetectorModel(CAMModel):
 
 
 def default_layer(model: nn.Module) -> str:
-    """The finest FPN level (``backbone.fpn.layer_blocks.0``: Faster R-CNN, RetinaNet, FCOS),
-    else the backbone's first feature map (``backbone.features.0``: SSD, SSDlite)."""
-    names = {name for name, _ in model.named_modules()}
-    for name in ("backbone.fpn.layer_blocks.0", "backbone.features.0"):
-        if name in names:
-            return name
+    """The finest FPN level (``backbone.fpn.layer_blocks.0``: Faster / Mask / Keypoint R-CNN,
+    RetinaNet, FCOS); SSDlite's first feature map (``backbone.features.0``, stride 16); SSD's
+    VGG up to conv4_3 (``backbone.features``, stride 8)."""
+    modules = dict(model.named_modules())
+    if "backbone.fpn.layer_blocks.0" in modules:
+        return "backbone.fpn.layer_blocks.0"
+    # SSDlite runs the stages of its Sequential one by one: the Sequential itself never runs
+    if isinstance(modules.get("backbone.features.0"), nn.Sequential):
+        return "backbone.features.0"
+    if "backbone.features" in modules:
+        return "backbone.features"
     raise ValueError(
         "no default target layer for this detector (neither a torchvision FPN nor SSD "
         "backbone): pass target_layer= a module name whose output is a feature map"

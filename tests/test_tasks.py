@@ -414,3 +414,24 @@ def test_cli_detect_draws_each_detection_with_its_map(tmp_path):
             atol=0.06,
             rtol=0,
         )
+
+
+def test_default_detector_layers():
+    from cam_engine.detection import default_layer
+
+    def detector_like(features: nn.Module) -> nn.Module:
+        model = nn.Module()
+        model.backbone = nn.Module()
+        model.backbone.features = features
+        return model
+
+    conv = nn.Conv2d(3, 4, 3)
+    # SSDlite runs its stages one by one; SSD (VGG) runs its features whole
+    assert default_layer(detector_like(nn.Sequential(nn.Sequential(conv)))) == "backbone.features.0"
+    assert default_layer(detector_like(nn.Sequential(conv, nn.ReLU()))) == "backbone.features"
+    with_fpn = detector_like(nn.Sequential(conv))
+    with_fpn.backbone.fpn = nn.Module()
+    with_fpn.backbone.fpn.layer_blocks = nn.ModuleList([nn.Conv2d(4, 4, 3)])
+    assert default_layer(with_fpn) == "backbone.fpn.layer_blocks.0"
+    with pytest.raises(ValueError, match="no default target layer"):
+        default_layer(nn.Sequential(conv))

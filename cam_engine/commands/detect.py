@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_run_arguments(
         parser,
         layer_help="module name (default: the finest FPN level, else the backbone's first map)",
-        size_help="H,W (or HxW, or S) the images are resized to",
+        size_help="H,W (or HxW, or S) the images are resized to (default: 320)",
     )
     parser.add_argument(
         "--score-threshold", type=float, default=0.5, help="detections scoring less are left out"
