@@ -324,7 +324,10 @@ def test_box_score_rejects_bad_boxes():
         detector(nn.Identity())
 
 
-def test_gradcam_of_box_scores_matches_pytorch_grad_cam(frcnn):
+@pytest.mark.parametrize(
+    ("method", "cam_class"), [("gradcam", "GradCAM"), ("layercam", "LayerCAM")]
+)
+def test_gradient_methods_on_box_scores_match_pytorch_grad_cam(frcnn, method, cam_class):
     x = _pictures()
     with torch.no_grad():
         found = frcnn(x)
@@ -332,14 +335,12 @@ def test_gradcam_of_box_scores_matches_pytorch_grad_cam(frcnn):
     shift = torch.tensor([2.0, -1.0, 1.0, 2.0], dtype=torch.float64)
     boxes = [d["boxes"][:2] + shift for d in found]
     labels = [d["labels"][:2] for d in found]
-    res = ce.CAMEngine(detector(frcnn, FPN), method="gradcam")(
-        x, ce.targets.BoxScore(labels, boxes)
-    )
+    res = ce.CAMEngine(detector(frcnn, FPN), method=method)(x, ce.targets.BoxScore(labels, boxes))
     assert res.cams.shape == (2, 1, 4, 4) and res.logits.shape[::2] == (2, 6)
     targets = [
         mt.FasterRCNNBoxScoreTarget(lab, box) for lab, box in zip(labels, boxes, strict=True)
     ]
-    expected = pgc_maps(pgc.GradCAM, frcnn, FPN, x, targets)
+    expected = pgc_maps(getattr(pgc, cam_class), frcnn, FPN, x, targets)
     assert expected.std() > 0.1
     assert_close(res.heatmaps[:, 0], expected, atol=TOL, rtol=0)
 
