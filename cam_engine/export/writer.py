@@ -430,7 +430,8 @@ def _self_check(path: Path, cam_model: CAMModel, channels: int) -> dict[str, flo
             measured = compare(got, engine, x, metadata)
         except Exception as exc:  # a shape the model or the file cannot take
             raise ValueError(
-                f"the exported model could not be checked at {where}: {type(exc).__name__}: {exc}"
+                f"the exported model could not be checked at {where}: {type(exc).__name__}: "
+                f"{exc}"
             ) from exc
         for name, error in measured.items():
             errors[f"{name} ({where})"] = error
