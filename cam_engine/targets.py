@@ -205,6 +205,8 @@ class SimilarityScore(Target):
                 f"the concept must be a float (D,) or (B, D) tensor with D = {output.shape[1]}, "
                 f"got {concept.dtype} {tuple(concept.shape)}"
             )
+        if not bool(concept.isfinite().all()):
+            raise ValueError("the concept has NaN or inf entries: its similarities would be NaN")
         if concept.ndim not in (1, 2) or (concept.ndim == 2 and len(concept) != len(output)):
             raise ValueError(
                 f"concept of shape {tuple(concept.shape)} does not fit a batch of {len(output)}: "
@@ -243,6 +245,15 @@ class BoxScore(Target):
     boxes: Tensor | Sequence[Tensor]
     iou_threshold: float = 0.5
     per_box: bool = False
+
+    def __post_init__(self) -> None:
+        threshold = self.iou_threshold
+        if isinstance(threshold, bool) or not isinstance(threshold, int | float):
+            raise ValueError(f"iou_threshold must be a number in [0, 1), got {threshold!r}")
+        if not 0 <= threshold < 1:  # NaN fails too; an IoU above 1 matches nothing
+            raise ValueError(f"iou_threshold must be in [0, 1), got {threshold!r}")
+        if not isinstance(self.per_box, bool):
+            raise ValueError(f"per_box must be True or False, got {self.per_box!r}")
 
     def resolve(self, output: Tensor) -> Resolved:
         if output.ndim != 3 or output.shape[-1] != 6:

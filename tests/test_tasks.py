@@ -190,6 +190,7 @@ def test_similarity_score_rejects_bad_concepts(embedder):
         (torch.ones(5, dtype=torch.float64), "D = 12"),
         (torch.ones(3, 12, dtype=torch.float64), "does not fit a batch of 2"),
         (torch.ones(12, dtype=torch.long), "float"),
+        (torch.full((12,), float("nan"), dtype=torch.float64), "NaN or inf"),
     ):
         with pytest.raises(ValueError, match=message):
             engine(x, ce.targets.SimilarityScore(concept))
@@ -318,6 +319,11 @@ def test_box_score_rejects_bad_boxes():
     ):
         with pytest.raises(ValueError, match=message):
             target.resolve(packed)
+    for threshold in (float("nan"), 1.0, -0.1, True, "0.5"):
+        with pytest.raises(ValueError, match="iou_threshold must be"):
+            ce.targets.BoxScore([1], box, threshold)
+    with pytest.raises(ValueError, match="per_box must be"):
+        ce.targets.BoxScore([1], box, per_box="yes")
     with pytest.raises(ValueError, match="BoxScore needs detections"):
         ce.targets.BoxScore([1], box).resolve(torch.zeros(2, 10))
     with pytest.raises(ValueError, match="no default target layer"):
