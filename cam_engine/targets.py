@@ -250,7 +250,7 @@ class BoxScore(Target):
         threshold = self.iou_threshold
         if isinstance(threshold, bool) or not isinstance(threshold, int | float):
             raise ValueError(f"iou_threshold must be a number in [0, 1), got {threshold!r}")
-        if not 0 <= threshold < 1:  # NaN fails too; an IoU above 1 matches nothing
+        if not 0 <= threshold < 1:  # NaN fails too; at 1 or more no IoU could pass it
             raise ValueError(f"iou_threshold must be in [0, 1), got {threshold!r}")
         if not isinstance(self.per_box, bool):
             raise ValueError(f"per_box must be True or False, got {self.per_box!r}")
