@@ -16,7 +16,7 @@ from types import ModuleType
 
 from . import __version__
 
-COMMANDS = ("demo", "explain", "export", "bench", "profile")
+COMMANDS = ("demo", "explain", "detect", "export", "bench", "profile")
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

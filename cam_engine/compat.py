@@ -309,6 +309,12 @@ class EigenGradCAM(BaseCAM):
     method = "eigengradcam"
 
 
+class SegEigenCAM(BaseCAM):
+    """pytorch-grad-cam's ``SegEigenCAM``: the engine's ``"segeigencam"``."""
+
+    method = "segeigencam"
+
+
 class ScoreCAM(BaseCAM):
     """pytorch-grad-cam's ``ScoreCAM``: the engine's ``"scorecam"``."""
 

@@ -2,14 +2,15 @@
 
 ``targets`` accepted by :class:`cam_engine.CAMEngine`:
 
-- ``None``: the top-1 predicted class of each image;
+- ``None``: the top-1 predicted class of each image (of a detector's packed detections
+  (B, M, 6): its highest-scoring detection, see :class:`BoxScore`);
 - an ``int`` (a NumPy integer, a 0-d integer tensor): that class for every image;
 - a sequence, NumPy array or tensor of integers, (B,): one class per image, or (B, K): K classes
   per image (bools and floats are refused, not read as class ids);
 - :class:`TopK` / :class:`BottomK`: the k highest / lowest scoring classes;
 - a score target: :class:`SoftmaxScore`, :class:`ReSTScore`, :class:`BinaryScore`,
-  :class:`SegmentationScore`, or any function ``output -> scores (B, K)`` (or (B,)) of the
-  model's (selected) output.
+  :class:`SegmentationScore`, :class:`SimilarityScore`, :class:`BoxScore`, or any function
+  ``output -> scores (B, K)`` (or (B,)) of the model's (selected) output.
 
 Class ids are the fast path: their gradient is a one-hot ``grad_outputs`` (or, on
 global-average-pool -> linear heads, the closed form); score targets take one backward of their
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
@@ -33,6 +35,8 @@ __all__ = [
     "ReSTScore",
     "BinaryScore",
     "SegmentationScore",
+    "SimilarityScore",
+    "BoxScore",
     "Targets",
     "Resolved",
     "is_class_ids",
@@ -178,6 +182,184 @@ class SegmentationScore(Target):
 
 
 @dataclass(frozen=True)
+class SimilarityScore(Target):
+    """Cosine similarity of the model's embedding to a concept embedding, for (B, D) outputs
+    (retrieval, re-identification, CLIP-style image towers).
+
+    pytorch-grad-cam's ``SimilarityToConceptTarget`` (its embeddings tutorial).
+
+    Attributes:
+        concept: (D,) for every image, or (B, D): one concept per image.
+    """
+
+    concept: Tensor
+
+    def resolve(self, output: Tensor) -> Resolved:
+        if output.ndim != 2:
+            raise ValueError(
+                f"SimilarityScore needs (B, D) embeddings, got outputs {tuple(output.shape)}"
+            )
+        concept = torch.as_tensor(self.concept, device=output.device)
+        if not concept.is_floating_point() or concept.shape[-1:] != output.shape[1:]:
+            raise ValueError(
+                f"the concept must be a float (D,) or (B, D) tensor with D = {output.shape[1]}, "
+                f"got {concept.dtype} {tuple(concept.shape)}"
+            )
+        if not bool(concept.isfinite().all()):
+            raise ValueError("the concept has NaN or inf entries: its similarities would be NaN")
+        if concept.ndim not in (1, 2) or (concept.ndim == 2 and len(concept) != len(output)):
+            raise ValueError(
+                f"concept of shape {tuple(concept.shape)} does not fit a batch of {len(output)}: "
+                "give one (D,) for every image or (B, D), one per image"
+            )
+        concept = concept.to(output.dtype).expand_as(output)
+        classes = torch.full((output.shape[0], 1), -1, dtype=torch.long, device=output.device)
+
+        def scores(out: Tensor, rows: Tensor) -> Tensor:
+            return F.cosine_similarity(out, concept[rows], dim=1)[:, None]
+
+        return Resolved(classes, scores, False)
+
+
+@dataclass(frozen=True)
+class BoxScore(Target):
+    """How well a detector's detections match given boxes: for each given box and label, the
+    detection of highest IoU with it counts ``IoU + its score`` when the IoU is above
+    ``iou_threshold`` and its label is the given one, else 0.
+
+    pytorch-grad-cam's ``FasterRCNNBoxScoreTarget``. The output it scores is the detections
+    packed (B, M, 6) as :func:`cam_engine.detection.pack_detections` does (boxes ``x1, y1, x2,
+    y2``, score, label; padding rows have label -1 and zero area).
+
+    Attributes:
+        labels: (n,) for every image, (B, n), or a list of B sequences (n_i,).
+        boxes: (n, 4) for every image, (B, n, 4), or a list of B (n_i, 4); in the detector's
+            input pixels, ``x2 > x1`` and ``y2 > y1``.
+        iou_threshold: the IoU a detection must exceed to match.
+        per_box: one map per given box (``K = n``, ``res.classes`` the labels; a list pads the
+            shorter images with boxes that match nothing, so their maps are zeros) instead of
+            one map for their sum (pytorch-grad-cam's).
+    """
+
+    labels: Sequence[int] | Sequence[Sequence[int]] | Tensor
+    boxes: Tensor | Sequence[Tensor]
+    iou_threshold: float = 0.5
+    per_box: bool = False
+
+    def __post_init__(self) -> None:
+        threshold = self.iou_threshold
+        if isinstance(threshold, bool) or not isinstance(threshold, int | float):
+            raise ValueError(f"iou_threshold must be a number in [0, 1), got {threshold!r}")
+        if not 0 <= threshold < 1:  # NaN fails too; at 1 or more no IoU could pass it
+            raise ValueError(f"iou_threshold must be in [0, 1), got {threshold!r}")
+        if not isinstance(self.per_box, bool):
+            raise ValueError(f"per_box must be True or False, got {self.per_box!r}")
+
+    def resolve(self, output: Tensor) -> Resolved:
+        if output.ndim != 3 or output.shape[-1] != 6:
+            raise ValueError(
+                f"BoxScore needs detections (B, M, 6), got outputs {tuple(output.shape)}; explain "
+                "the model wrapped by cam_engine.detection.detector(), whose output they are"
+            )
+        boxes, labels = _given_boxes(self.boxes, self.labels, output)
+        threshold = self.iou_threshold
+
+        def scores(out: Tensor, rows: Tensor) -> Tensor:
+            iou = _box_iou(boxes[rows], out[..., :4])  # (n, boxes, M)
+            best = iou.argmax(-1)
+            matched_iou = iou.gather(-1, best[..., None])[..., 0]
+            matched_label = out[..., 5].gather(-1, best)
+            hit = (matched_iou > threshold) & (matched_label == labels[rows])
+            got = torch.where(hit, matched_iou + out[..., 4].gather(-1, best), 0)
+            return got if self.per_box else got.sum(-1, keepdim=True)
+
+        if self.per_box:
+            classes = labels.clamp_min(-1)
+        else:
+            classes = torch.full((output.shape[0], 1), -1, dtype=torch.long, device=output.device)
+        return Resolved(classes, scores, False)
+
+
+#: the label of the boxes padding a ragged list of given boxes: never a detection's label
+_NO_LABEL = -2
+
+
+def _given_boxes(boxes: object, labels: object, output: Tensor) -> tuple[Tensor, Tensor]:
+    """BoxScore's boxes (B, n, 4) in ``output``'s dtype and labels (B, n) long; a ragged list
+    padded with unit boxes labelled :data:`_NO_LABEL`."""
+    batch, kwargs = output.shape[0], {"device": output.device}
+    ragged = isinstance(boxes, list | tuple) and len(boxes) == batch
+    if ragged and all(torch.as_tensor(b).ndim == 2 for b in boxes):  # not (n, 4) as lists
+        sizes = [len(b) for b in boxes]
+        if len(labels) != batch or any(len(lab) != n for lab, n in zip(labels, sizes, strict=True)):
+            raise ValueError("BoxScore needs one label per box: labels and boxes do not match")
+        width = max(sizes)
+        unit = torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=output.dtype, **kwargs)
+        padded = unit.repeat(batch, width, 1)
+        ids = torch.full((batch, width), _NO_LABEL, dtype=torch.long, **kwargs)
+        for i, (b, lab) in enumerate(zip(boxes, labels, strict=True)):
+            padded[i, : sizes[i]] = torch.as_tensor(b, **kwargs).reshape(-1, 4)
+            ids[i, : sizes[i]] = torch.as_tensor(lab, **kwargs)
+        boxes, labels = padded, ids
+    boxes = torch.as_tensor(boxes, **kwargs)
+    labels = _stacked(labels, kwargs["device"])
+    if boxes.ndim == 2:
+        boxes = boxes.expand(batch, *boxes.shape)
+    if labels.ndim == 1:
+        labels = labels.expand(batch, *labels.shape)
+    if boxes.ndim != 3 or boxes.shape[0] != batch or boxes.shape[-1] != 4:
+        raise ValueError(
+            f"boxes of shape {tuple(boxes.shape)} do not fit a batch of {batch}: give (n, 4), "
+            "(B, n, 4) or a list of B (n_i, 4)"
+        )
+    if labels.shape != boxes.shape[:2] or labels.is_floating_point() or labels.dtype == torch.bool:
+        raise ValueError(
+            f"BoxScore needs one integer label per box: labels {tuple(labels.shape)} "
+            f"for boxes {tuple(boxes.shape)}"
+        )
+    if not bool((boxes[..., 2:] > boxes[..., :2]).all()):
+        raise ValueError("boxes must be x1, y1, x2, y2 with x2 > x1 and y2 > y1")
+    return boxes.to(output.dtype), labels.long()
+
+
+def _top_detection(detections: Tensor) -> Resolved:
+    """``None`` for a detector's packed detections (B, M, 6): each image's highest-scoring
+    detection, as a per-box :class:`BoxScore` (an image without detections gets a zero map)."""
+    top = detections.gather(1, detections[..., 4:5].argmax(1, keepdim=True).expand(-1, -1, 6))
+    found = top[..., 5] >= 0  # (B, 1); padding rows have label -1
+    unit = torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=top.dtype, device=top.device)
+    boxes = torch.where(found[..., None], top[..., :4], unit)
+    labels = torch.where(found, top[..., 5].long(), _NO_LABEL)
+    return BoxScore(labels, boxes, per_box=True).resolve(detections)
+
+
+def _stacked(items: object, device: torch.device) -> Tensor:
+    """``items`` as one tensor: a nested sequence of numbers, or a sequence of tensors or
+    arrays of one length (what a detector's ``labels`` per image are)."""
+    try:
+        return torch.as_tensor(items, device=device)
+    except (TypeError, ValueError, RuntimeError):  # a list of tensors with several elements each
+        try:
+            return torch.stack([torch.as_tensor(item, device=device) for item in items])
+        except (TypeError, RuntimeError):
+            raise ValueError(
+                f"BoxScore needs one integer label per box, got labels {items!r:.80}"
+            ) from None
+
+
+def _box_iou(boxes: Tensor, other: Tensor) -> Tensor:
+    """``torchvision.ops.box_iou``, batched: (B, n, 4) and (B, M, 4) -> (B, n, M)."""
+
+    def area(b: Tensor) -> Tensor:
+        return (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])
+
+    top_left = torch.max(boxes[..., :, None, :2], other[..., None, :, :2])
+    bottom_right = torch.min(boxes[..., :, None, 2:], other[..., None, :, 2:])
+    inter = (bottom_right - top_left).clamp(min=0).prod(-1)
+    return inter / (area(boxes)[..., :, None] + area(other)[..., None, :] - inter)
+
+
+@dataclass(frozen=True)
 class _ScoreFunction(Target):
     fn: Callable[[Tensor], Tensor]
 
@@ -247,6 +429,8 @@ def resolve(targets: Targets, output: Tensor) -> Resolved:
         return targets.resolve(output)
     if not is_class_ids(targets):
         return _ScoreFunction(targets).resolve(output)
+    if targets is None and output.ndim == 3 and output.shape[-1] == 6:
+        return _top_detection(output.detach())
     if output.ndim != 2:
         raise ValueError(
             f"class-id targets need (B, N) logits, the model outputs {tuple(output.shape)}; "

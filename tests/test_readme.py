@@ -27,6 +27,7 @@ SUBSTITUTIONS = [
     ("[224, 224]", "[64, 64]"),  # smaller images, and exports at their size
     ("input_size=(256, 256)", "input_size=(64, 64)"),
     ("dynamic_size=True)", "dynamic_size=True, input_size=(64, 64))"),
+    ("weights_backbone=None)", "weights_backbone=None, min_size=64, max_size=64)"),  # not 320
 ]
 
 

@@ -43,6 +43,7 @@ from .gradient import (
     gradcam_plus_plus,
     hirescam,
     layercam,
+    segeigencam,
     xgradcam,
 )
 from .guided import GuidedReLU, guided_backprop, guided_gradcam
@@ -93,6 +94,7 @@ __all__ = [
     "gradcam_elementwise",
     "eigencam",
     "eigengradcam",
+    "segeigencam",
     "scorecam",
     "ablationcam",
     "fullgrad",

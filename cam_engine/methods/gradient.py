@@ -6,6 +6,7 @@ registry turns them into ``ReLU(sum_c w_c A_c)``; element-wise ones return the t
 (B, K, C, *s) that are summed over C.
 """
 
+import torch
 from torch import Tensor
 
 from ._registry import (
@@ -80,3 +81,28 @@ def eigencam(activations: Tensor, gradients: None) -> Tensor:
         (B, 1, *s); the engine broadcasts it to (B, K, *s).
     """
     return first_component(_activation(activations, gradients)).relu()
+
+
+def _salient_positive(projection: Tensor) -> Tensor:
+    """Seg-Eigen-CAM's sign correction (eq. 13): each map (B, K, *s) negated where its minimum is
+    larger in magnitude than its maximum, so the choice of the SVD's sign does not matter."""
+    flat = projection.flatten(2)
+    flip = flat.amin(-1).abs() > flat.amax(-1).abs()
+    return torch.where(flip[(...,) + (None,) * (projection.ndim - 2)], -projection, projection)
+
+
+@register(
+    "segeigencam",
+    over_maps=True,
+    needs_gradients=True,
+    eigen_map=lambda ctx: segeigencam(ctx.activations, ctx.gradients),
+)
+def segeigencam(activations: Tensor, gradients: Tensor) -> Tensor:
+    """Seg-Eigen-CAM (Chung & Ying, 2025): ReLU of the first principal component of ``|g| * A``,
+    its sign chosen so that the larger extreme is positive (pytorch-grad-cam's ``SegEigenCAM``,
+    which ignores ``eigen_smooth``: so does this, the map is a projection already).
+
+    Returns:
+        (B, K, *s).
+    """
+    return _salient_positive(first_component(gradients.abs() * activations[:, None])).relu()
