@@ -23,6 +23,7 @@ from ..engine import CAMEngine
 from ..model import CAMModel
 from .atomic import replacing, sidecar
 from .graphs import GapCAM, PoolMLPGradCAM, Postprocess, find_pool_mlp
+from .head_vjp import HeadGradCAM
 from .metadata import METADATA_KEY, SCHEMA_VERSION, CAMMetadata
 from .options import ExportOptions
 
@@ -111,13 +112,13 @@ def to_onnx(
     )
     exported = _converted_copy(cam_model, torch.float16) if opts.fp16 else cam_model
     features = _feature_like(cam_model, opts.input_size)
-    graph, head = _graph(exported, opts.method, opts.topk, post, features)
     channels = _input_channels(cam_model)
     batch = 2 if opts.dynamic_batch else opts.batch_size  # 2: no exporter specialises it
     example = _images(batch, channels, opts.input_size, cam_model)
     num_classes = _num_classes(cam_model, example)
     if opts.topk > num_classes:
         raise ValueError(f"topk={opts.topk} is larger than the number of classes ({num_classes})")
+    graph, head = _graph(exported, opts, post, features, example)
     for folder in {p.parent for p in outputs}:
         folder.mkdir(parents=True, exist_ok=True)
     with replacing(*outputs) as staged:
@@ -202,11 +203,14 @@ def _converted_copy(cam_model: CAMModel, *to_args) -> CAMModel:
     )
 
 
-def _graph(cam_model: CAMModel, method: str, topk: int, post: Postprocess, features: Tensor):
+def _graph(
+    cam_model: CAMModel, opts: ExportOptions, post: Postprocess, features: Tensor, example: Tensor
+):
     """The exportable module and the name of the head's kind (``features``: a target map at
-    the export size)."""
+    the export size; ``example``: the images the export traces with)."""
     built = cam_model.current()
     gap = built.gap
+    method, topk = opts.method, opts.topk
     if gap is not None and gap.applies(features):
         return GapCAM(cam_model, method, topk, post).eval(), "gap-linear"
     if method == "cam":
@@ -217,14 +221,18 @@ def _graph(cam_model: CAMModel, method: str, topk: int, post: Postprocess, featu
         )
     try:
         head = find_pool_mlp(built.split.head)
-    except ValueError as exc:
+    except ValueError:
+        head = None
+    if head is not None and cam_model.output is None:
+        return PoolMLPGradCAM(cam_model, head, topk, post).eval(), "pool-mlp"
+    if opts.exporter == "torchscript":
         raise ValueError(
-            f"cannot export Grad-CAM for the head after {cam_model.target_layer!r}: it is "
-            f"neither global-average-pool -> linear nor pool -> flatten -> MLP: {exc}"
-        ) from None
-    if cam_model.output is not None:
-        raise ValueError("output= selectors are supported for global-average-pool heads only")
-    return PoolMLPGradCAM(cam_model, head, topk, post).eval(), "pool-mlp"
+            f"the head after {cam_model.target_layer!r} is neither global-average-pool -> "
+            "linear nor pool -> flatten -> MLP: its traced gradient exports with "
+            "exporter='dynamo' (or 'auto') only"
+        )
+    graph = HeadGradCAM(cam_model, topk, post, example, opts.classes_input)
+    return graph.eval(), "head-vjp"
 
 
 def _feature_like(cam_model: CAMModel, size: tuple[int, int]) -> Tensor:
@@ -276,7 +284,10 @@ def _export(graph, example: Tensor, path: Path, opts: ExportOptions) -> dict:
         del outputs["classes"]  # the caller's own input; ONNX names must differ
     outputs[name] = (batch, k, 3, *maps) if name == "overlay" else (batch, k, *maps)
     exporter = opts.exporter
-    use_dynamo = exporter == "dynamo" or (exporter == "auto" and not _has_torchscript())
+    traced_gradient = isinstance(graph, HeadGradCAM)  # ATen ops: the dynamo exporter's input
+    use_dynamo = exporter == "dynamo" or (
+        exporter == "auto" and (traced_gradient or not _has_torchscript())
+    )
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation, tracer notes
         if use_dynamo:
