@@ -67,6 +67,18 @@ class ConvMlpNet(nn.Module):
         return self.head(self.pre_logits(self.features(x)))
 
 
+class CumMaxHead(nn.Module):
+    """A head with a running maximum, an op with no ONNX form."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = _stem()
+        self.fc = nn.Linear(12, 10)
+
+    def forward(self, x):
+        return self.fc(self.features(x).flatten(2).cummax(-1).values.mean(-1))
+
+
 def _seeded(build):
     torch.manual_seed(0)
     model = build().eval()
@@ -167,3 +179,10 @@ def test_resmlp_token_mean_head(tmp_path):
     model = _seeded(resmlp)
     ort_cam = _export(model, tmp_path, "blocks.0", (32, 32))
     assert_matches_engine(ort_cam, model, "gradcam", images(4, 32, F32, seed=5))
+
+
+def test_op_without_onnx_form_is_refused_by_name(tmp_path):
+    path = tmp_path / "model.onnx"
+    with pytest.raises(ValueError, match=r"uses aten\.cummax, which has no ONNX form"):
+        to_onnx(_seeded(CumMaxHead), path, "features", method="gradcam", input_size=(32, 32))
+    assert not path.exists()

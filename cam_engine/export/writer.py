@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -332,18 +333,26 @@ def _export_dynamo(graph, args, path, inputs, outputs, opset) -> None:
         {i: dims.setdefault(d, torch.export.Dim(d)) for i, d in axes.items()}
         for axes in _symbolic(inputs).values()
     )
-    torch.onnx.export(
-        graph,
-        args,
-        str(path),
-        dynamo=True,
-        input_names=list(inputs),
-        output_names=list(outputs),
-        dynamic_shapes=shapes,
-        opset_version=opset or 18,
-        external_data=False,
-        verbose=False,
-    )
+    try:
+        torch.onnx.export(
+            graph,
+            args,
+            str(path),
+            dynamo=True,
+            input_names=list(inputs),
+            output_names=list(outputs),
+            dynamic_shapes=shapes,
+            opset_version=opset or 18,
+            external_data=False,
+            verbose=False,
+        )
+    except Exception as exc:
+        found = re.search(r"No ONNX function found for <OpOverload\(op='([^']+)'", str(exc))
+        if found is None:
+            raise
+        raise ValueError(
+            f"the model uses {found.group(1)}, which has no ONNX form in torch.onnx"
+        ) from None
 
 
 def _finish(path: Path, metadata: CAMMetadata) -> None:
