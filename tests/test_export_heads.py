@@ -135,13 +135,22 @@ def test_convolution_backward_decomposition_matches_autograd(stride, size):
 def test_conv_head_any_size(tmp_path):
     model = _seeded(ConvHeadNet)
     ort_cam = _export(model, tmp_path, "features", (64, 48), dynamic_size=True)
-    assert_matches_engine(ort_cam, model, "gradcam", images(1, (40, 72), F32, seed=5))
+    x = images(1, (44, 76), F32, seed=5)  # an odd 11x19 map
+    assert_matches_engine(ort_cam, model, "gradcam", x)
 
 
 def test_vgg_conv_mlp_head(tmp_path):
     model = _seeded(ConvMlpNet)
     ort_cam = _export(model, tmp_path, "features", (32, 32))
     assert_matches_engine(ort_cam, model, "gradcam", images(4, 32, F32, seed=5))
+
+
+def test_a_head_branching_on_the_map_size_is_refused_with_dynamic_size(tmp_path):
+    path = tmp_path / "model.onnx"
+    with pytest.raises(ValueError, match=r"branches on the map's size \(.* >= 7 \(map dim"):
+        to_onnx(_seeded(ConvMlpNet), path, "features", method="gradcam", dynamic_size=True,
+                input_size=(32, 32))  # fmt: skip
+    assert not path.exists()
 
 
 def test_vit_class_token_head_matches_pytorch_grad_cam(tmp_path):

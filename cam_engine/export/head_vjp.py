@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import sympy
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
@@ -29,7 +30,7 @@ from ..layout import to_nchw
 from ..model import CAMModel, OutputSelector, select_output
 from .graphs import Postprocess, _bins, _CAMGraph, _pair, _top_classes, adaptive_avg_pool
 
-__all__ = ["MapLayout", "HeadGradCAM", "trace_head_gradient", "DECOMPOSITIONS"]
+__all__ = ["MapLayout", "HeadGradCAM", "trace_head_gradient", "size_branches", "DECOMPOSITIONS"]
 
 aten = torch.ops.aten
 
@@ -110,6 +111,12 @@ class MapLayout:
             return cls("tokens", features.shape[1] - grid[0] * grid[1], stride)
         return cls("nhwc" if laid.shape != features.shape else "nchw")
 
+    def spatial_dims(self, ndim: int) -> tuple[int, ...]:
+        """The dimensions of a map with ``ndim`` dimensions that follow the input's size."""
+        if self.kind == "tokens":
+            return (1,)
+        return (1, 2) if self.kind == "nhwc" else tuple(range(2, ndim))
+
     def apply(self, maps: Tensor, image: Tensor) -> Tensor:
         """``maps`` (B, *F) in this layout -> (B, C, h, w); ``image`` (B, 3, H, W) sets the grid."""
         if self.kind == "nhwc":
@@ -180,6 +187,28 @@ def trace_head_gradient(
         ) from None
 
 
+def size_branches(graph: fx.GraphModule, dims: tuple[int, ...]) -> list[str]:
+    """Where :func:`trace_head_gradient`'s ``graph`` took a branch on one size of its first
+    input's ``dims`` against a constant (timm's ``ConvMlp``: ``h < 7`` pools the map up to 7x7).
+
+    Tracing follows the branch of the traced size and drops the condition, so the graph holds
+    only on that side of it. Returns the conditions, as ``"h >= 7 (map dimension 2)"``.
+    """
+    placeholder = next(node for node in graph.graph.nodes if node.op == "placeholder")
+    shape = placeholder.meta["val"].shape
+    symbols = {shape[d].node.expr: d for d in dims if isinstance(shape[d], torch.SymInt)}
+    found = []
+    for guard in graph.shape_env.guards:
+        expr = guard.expr
+        if not expr.is_Relational or isinstance(expr, sympy.Ne):  # ``!= 1``: not a branch
+            continue
+        if any(a.is_Integer for a in expr.args) and len(expr.free_symbols) == 1:
+            (symbol,) = expr.free_symbols
+            if symbol in symbols and any(a == symbol for a in expr.args):
+                found.append(f"{expr} (map dimension {symbols[symbol]})")
+    return found
+
+
 class HeadGradCAM(_CAMGraph):
     """Grad-CAM of a general head: the trunk, then :func:`trace_head_gradient`'s graph.
 
@@ -190,9 +219,10 @@ class HeadGradCAM(_CAMGraph):
         model: the split model.
         topk: classes explained per image when none are given.
         post: what to do with the raw maps.
-        example: (B, C, H, W) images to trace the head's gradient with; their size should be
-            non-square and differ from every map dimension (see :func:`trace_head_gradient`).
+        example: (B, C, H, W) images at the export size, to trace the head's gradient with.
         classes_given: the graph takes the classes as an input.
+        dynamic_size: the graph must hold at every input size: a head whose code branches on
+            the map's size (:func:`size_branches`) raises ``ValueError``.
     """
 
     def __init__(
@@ -202,6 +232,7 @@ class HeadGradCAM(_CAMGraph):
         post: Postprocess,
         example: Tensor,
         classes_given: bool,
+        dynamic_size: bool,
     ) -> None:
         built = model.current()
         super().__init__(topk, post, next(model.model.parameters()).dtype)
@@ -212,6 +243,14 @@ class HeadGradCAM(_CAMGraph):
         self.gradients = trace_head_gradient(
             built.split.head, features, tuple(extras), model.output, topk, classes_given
         )
+        branches = size_branches(self.gradients, self.layout.spatial_dims(features.ndim))
+        if dynamic_size and branches:
+            raise ValueError(
+                f"the head after {model.target_layer!r} branches on the map's size ("
+                + ", ".join(branches)
+                + "), so its traced gradient holds at the export size only: export it with "
+                "dynamic_size=False"
+            )
 
     def maps(self, x: Tensor, classes: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         features, *extras = self.trunk(x)
@@ -222,4 +261,3 @@ class HeadGradCAM(_CAMGraph):
         weights = grads.float().mean((-2, -1))
         cams = torch.einsum("bkc,bchw->bkhw", weights, acts).relu()
         return logits, classes, cams
-

@@ -236,7 +236,7 @@ def _graph(
             "linear nor pool -> flatten -> MLP: its traced gradient exports with "
             "exporter='dynamo' (or 'auto') only"
         )
-    graph = HeadGradCAM(cam_model, topk, post, example, opts.classes_input)
+    graph = HeadGradCAM(cam_model, topk, post, example, opts.classes_input, opts.dynamic_size)
     return graph.eval(), "head-vjp"
 
 
