@@ -81,8 +81,10 @@ def to_onnx(
     regnets...) for ``"cam"`` and ``"gradcam"``, one graph (the gradient is closed-form, no
     backward runs); pool -> flatten -> MLP heads (VGG, MobileNet v3, ConvNeXt: Linear, ReLU,
     Hardswish, SiLU, exact GELU, inactive Dropout, LayerNorm, and LayerNorm2d on a 1x1 pooled
-    map) for ``"gradcam"``, with the MLP's backward written into the graph. Anything else raises
-    ``ValueError`` naming the op that is not supported.
+    map) for ``"gradcam"``, with the MLP's backward written into the graph; any other head the
+    engine splits for ``"gradcam"``, with the head's forward and backward traced as one graph
+    (:mod:`cam_engine.export.head_vjp`; dynamo exporter only). An op without an ONNX form
+    raises ``ValueError`` naming it.
 
     The file (and ``optimized_path``) is written in a hidden folder beside it, checked there, and
     moved into place only when everything succeeded: on any error the previous file is untouched.
@@ -102,7 +104,8 @@ def to_onnx(
     Raises:
         TypeError: ``options`` is not an :class:`ExportOptions`, or a setting is unknown.
         ValueError: unsupported head or method, bad settings, or a self-check above tolerance
-            (1e-4, 1e-2 for fp16), in which case nothing is written.
+            (1e-4, 1e-2 for fp16; for heatmaps at least 4x the PyTorch engine's own error at
+            the model's precision), in which case nothing is written.
     """
     opts = ExportOptions.merged(options, settings)
     path = Path(path)
