@@ -13,6 +13,7 @@ export size) and the shared post-processing.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -187,6 +188,13 @@ def trace_head_gradient(
         ) from None
 
 
+def _widened(tensors: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """``tensors`` with floating ones below float32 in float32."""
+    return tuple(
+        t.float() if t.is_floating_point() and t.element_size() < 4 else t for t in tensors
+    )
+
+
 def size_branches(graph: fx.GraphModule, dims: tuple[int, ...]) -> list[str]:
     """Where :func:`trace_head_gradient`'s ``graph`` took a branch on one size of its first
     input's ``dims`` against a constant (timm's ``ConvMlp``: ``h < 7`` pools the map up to 7x7).
@@ -240,8 +248,14 @@ class HeadGradCAM(_CAMGraph):
         with torch.no_grad():
             features, *extras = self.trunk(example.to(self.dtype))
         self.layout = MapLayout.infer(features, tuple(example.shape[-2:]))
+        # the head runs in float32 at least: the exporter writes some float16 gradient ops
+        # with a float32 operand, which ONNX refuses
+        head = built.split.head
+        if self.dtype.itemsize < 4:
+            head = copy.deepcopy(head).float()
+        features, *extras = _widened((features, *extras))
         self.gradients = trace_head_gradient(
-            built.split.head, features, tuple(extras), model.output, topk, classes_given
+            head, features, tuple(extras), model.output, topk, classes_given
         )
         branches = size_branches(self.gradients, self.layout.spatial_dims(features.ndim))
         if dynamic_size and branches:
@@ -255,7 +269,7 @@ class HeadGradCAM(_CAMGraph):
     def maps(self, x: Tensor, classes: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
         features, *extras = self.trunk(x)
         given = () if classes is None else (classes,)
-        logits, classes, grads = self.gradients(features, *extras, *given)
+        logits, classes, grads = self.gradients(*_widened((features, *extras)), *given)
         acts = self.layout.apply(features, x).float()
         grads = self.layout.apply(grads.flatten(0, 1), x).unflatten(0, grads.shape[:2])
         weights = grads.float().mean((-2, -1))
