@@ -28,7 +28,8 @@ key                 JSON type            meaning
 ``colormap``        string or null       colour map of the ``overlay`` output, null: ``heatmaps``
 ``alpha``           number in [0, 1]     overlay colour weight
 ``mean``, ``std``   [number x 3]         the inputs' normalisation: picture = x * std + mean
-``fp16``            bool                 float16 trunk and head inside the graph
+``fp16``            bool                 float16 trunk and head inside the graph (a traced
+                                         head gradient, ``"head-vjp"``, runs in float32)
 ``inputs``          {name: shape}        ``x`` (B, C, H, W), and ``classes`` (B, K) with a
                                          classes input
 ``outputs``         {name: shape}        ``logits`` (B, N); ``classes`` (B, K) unless it is an
