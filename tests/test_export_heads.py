@@ -21,7 +21,8 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from cam_engine.export import OrtCAM, to_onnx
-from cam_engine.export.head_vjp import DECOMPOSITIONS
+from cam_engine.export.head_vjp import DECOMPOSITIONS, MapLayout
+from cam_engine.layout import to_nchw
 
 F32 = torch.float32
 aten = torch.ops.aten
@@ -222,3 +223,14 @@ def test_tolerance_follows_the_float32_rounding_of_large_activations(tmp_path):
     result = to_onnx(LargeActivations().eval(), tmp_path / "m.onnx", topk=2, input_size=(16, 16))
     heatmaps = [error for name, error in result.errors.items() if name.startswith("heatmaps")]
     assert 1e-4 < max(heatmaps) < 1e-2  # above the fixed tolerance, at float32's own level
+
+
+def test_map_layouts_follow_the_engines_inference():
+    tokens = torch.randn(2, 1 + 4 * 6, 5)  # a class token and a 4x6 grid of a 32x48 image
+    layout = MapLayout.infer(tokens, (32, 48))
+    assert layout == MapLayout("tokens", 1, (8, 8))
+    other = torch.randn(2, 1 + 3 * 7, 5)  # 24x56: the grid follows the image in the graph
+    torch.testing.assert_close(layout.apply(other, torch.zeros(2, 3, 24, 56)),
+                               to_nchw(other, None, (24, 56)))  # fmt: skip
+    assert MapLayout.infer(torch.randn(2, 4, 6, 16), (32, 48)).kind == "nhwc"
+    assert MapLayout.infer(torch.randn(2, 16, 4, 6), (32, 48)).kind == "nchw"
