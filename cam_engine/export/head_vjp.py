@@ -260,7 +260,7 @@ class HeadGradCAM(_CAMGraph):
         branches = size_branches(self.gradients, self.layout.spatial_dims(features.ndim))
         if dynamic_size and branches:
             raise ValueError(
-                f"the head after {model.target_layer!r} branches on the map's size ("
+                "the head branches on the map's size ("
                 + ", ".join(branches)
                 + "), so its traced gradient holds at the export size only: export it with "
                 "dynamic_size=False"

@@ -239,7 +239,12 @@ def _graph(
             "linear nor pool -> flatten -> MLP: its traced gradient exports with "
             "exporter='dynamo' (or 'auto') only"
         )
-    graph = HeadGradCAM(cam_model, topk, post, example, opts.classes_input, opts.dynamic_size)
+    try:
+        graph = HeadGradCAM(cam_model, topk, post, example, opts.classes_input, opts.dynamic_size)
+    except ValueError as exc:
+        raise ValueError(
+            f"cannot export Grad-CAM for the head after {cam_model.target_layer!r}: {exc}"
+        ) from None
     return graph.eval(), "head-vjp"
 
 
