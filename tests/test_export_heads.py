@@ -21,7 +21,7 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from cam_engine.export import OrtCAM, to_onnx
-from cam_engine.export.head_vjp import DECOMPOSITIONS, MapLayout
+from cam_engine.export.head_vjp import DECOMPOSITIONS, MapLayout, trace_head_gradient
 from cam_engine.layout import to_nchw
 
 F32 = torch.float32
@@ -234,3 +234,21 @@ def test_map_layouts_follow_the_engines_inference():
                                to_nchw(other, None, (24, 56)))  # fmt: skip
     assert MapLayout.infer(torch.randn(2, 4, 6, 16), (32, 48)).kind == "nhwc"
     assert MapLayout.infer(torch.randn(2, 16, 4, 6), (32, 48)).kind == "nchw"
+
+
+def test_traced_head_gradient_holds_at_other_batch_and_map_sizes():
+    torch.manual_seed(0)
+    head = nn.Sequential(
+        nn.MaxPool2d(2), nn.AdaptiveAvgPool2d((3, 2)), nn.Flatten(1), nn.Linear(4 * 6, 7)
+    ).double()
+    graph = trace_head_gradient(head, torch.randn(2, 4, 8, 10).double(), (), None, 3, False)
+    for shape in [(3, 4, 9, 13), (1, 4, 16, 6)]:
+        features = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+        logits, classes, grads = graph(features.detach())
+        want = head(features)
+        torch.testing.assert_close(logits, want.detach())
+        assert torch.equal(classes, want.topk(3, dim=1).indices)
+        for k in range(3):
+            (grad,) = torch.autograd.grad(want.gather(1, classes[:, k : k + 1]).sum(), features,
+                                          retain_graph=True)  # fmt: skip
+            torch.testing.assert_close(grads[:, k], grad)
