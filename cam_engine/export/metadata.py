@@ -11,7 +11,8 @@ key                 JSON type            meaning
 ``version``         string               the cam-engine version that wrote the file
 ``method``          string               ``"cam"`` or ``"gradcam"``
 ``target_layer``    string               the module the maps are taken at
-``head``            string               ``"gap-linear"`` or ``"pool-mlp"``: how the maps are built
+``head``            string               how the maps are built: ``"gap-linear"``,
+                                         ``"pool-mlp"`` or ``"head-vjp"`` (traced gradient)
 ``exporter``        string               ``"torchscript"`` or ``"dynamo"``
 ``topk``            int >= 1             classes explained per image without a classes input
 ``num_classes``     int >= 1             N, the width of the logits
@@ -27,7 +28,8 @@ key                 JSON type            meaning
 ``colormap``        string or null       colour map of the ``overlay`` output, null: ``heatmaps``
 ``alpha``           number in [0, 1]     overlay colour weight
 ``mean``, ``std``   [number x 3]         the inputs' normalisation: picture = x * std + mean
-``fp16``            bool                 float16 trunk and head inside the graph
+``fp16``            bool                 float16 trunk and head inside the graph (a traced
+                                         head gradient, ``"head-vjp"``, runs in float32)
 ``inputs``          {name: shape}        ``x`` (B, C, H, W), and ``classes`` (B, K) with a
                                          classes input
 ``outputs``         {name: shape}        ``logits`` (B, N); ``classes`` (B, K) unless it is an
@@ -57,7 +59,7 @@ __all__ = ["CAMMetadata", "METADATA_KEY", "SCHEMA_VERSION", "METHODS", "HEADS"]
 METADATA_KEY = "cam_engine"
 SCHEMA_VERSION = 1
 METHODS = ("cam", "gradcam")
-HEADS = ("gap-linear", "pool-mlp")
+HEADS = ("gap-linear", "pool-mlp", "head-vjp")
 _EXPORTERS = ("torchscript", "dynamo")
 
 Shape = tuple[int | str, ...]

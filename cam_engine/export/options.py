@@ -17,7 +17,8 @@ __all__ = ["ExportOptions", "IMAGENET_MEAN", "IMAGENET_STD", "EXPORTERS"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-#: ``exporter=`` values; ``"auto"`` is TorchScript while torch has it, else dynamo
+#: ``exporter=`` values; ``"auto"`` is TorchScript while torch has it (not for a traced head
+#: gradient), else dynamo
 EXPORTERS = ("auto", "torchscript", "dynamo")
 
 
@@ -47,11 +48,12 @@ class ExportOptions:
         alpha: overlay colour weight in [0, 1].
         mean, std: the per-channel normalisation the model's inputs had (``std`` > 0), to recover
             the picture for overlays; stored for runners that preprocess images.
-        output: where the logits are in the model's output (global-average-pool heads only).
+        output: where the logits are in the model's output (global-average-pool heads and
+            traced head gradients).
         batch_size: the batch size when ``dynamic_batch`` is off, >= 1.
         exporter: ``"torchscript"`` (``torch.onnx.export(dynamo=False)``), ``"dynamo"``, or
             ``"auto"``: TorchScript while torch has it (several times faster to export here),
-            else dynamo.
+            else dynamo; dynamo for a traced head gradient (``head-vjp``), which is ATen ops.
         check: run the self-check (on by default; it costs a few engine and ORT calls).
         optimized_path: also save an ORT graph-optimised copy there (portable: extended level).
     """
