@@ -10,10 +10,12 @@ import pytest
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from conftest import images, make_model
+from conftest import calibrate_bn, images, make_model
 from test_engine import TutorialCAMNet
 from torch import nn
-from torchvision.models.convnext import LayerNorm2d
+from torchvision.models.convnext import CNBlockConfig, ConvNeXt, LayerNorm2d
+from torchvision.models.densenet import DenseNet
+from torchvision.models.mobilenetv3 import InvertedResidualConfig, MobileNetV3
 
 import cam_engine as ce
 from cam_engine import postprocess
@@ -398,25 +400,26 @@ def test_cli_export(tmp_path, capsys):
     assert "Did you mean: resnet18" in capsys.readouterr().err
 
 
-# --- the zoo (slow): GAP heads of every family, and VGG itself -----------------------------------
+# --- the zoo (slow): GAP heads beyond resnet18's, and VGG itself ---------------------------------
+# Every torchvision classifier's export and ORT parity is scripts/check_zoo.py's table; the suite
+# keeps the cases whose head or layer is of a kind not covered above.
 
-ZOO = [
-    ("resnet50", None),
-    ("efficientnet_b0", None),
-    # DenseNet ends features -> ReLU -> GAP -> linear. Its default target is that ReLU's output
-    # ("relu"), where the head is GAP -> linear: CAM there is the classic CAM of the post-ReLU map
-    # (what the linear layer sees). At "features" (before the ReLU) the head is not linear in A.
-    ("densenet121", "relu"),
-    ("regnet_y_400mf", None),
-]
+
+@pytest.fixture(scope="module")
+def densenet_f32():
+    """torchvision's DenseNet (features -> F.relu -> GAP -> linear) with two small blocks."""
+    torch.manual_seed(0)
+    model = DenseNet(growth_rate=8, block_config=(2, 2), num_init_features=16, num_classes=10)
+    return calibrate_bn(model, images(8, 64, F32))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,layer", ZOO, ids=[n for n, _ in ZOO])
-def test_zoo_parity(name, layer, tmp_path):
-    model = make_model(name, 64, dtype=F32)
-    path = tmp_path / f"{name}.onnx"
-    result = to_onnx(model, path, layer, topk=2, input_size=(64, 64))  # self-check: batch 3
+def test_densenet_gap_parity_at_its_functional_relu(densenet_f32, tmp_path):
+    # DenseNet ends features -> ReLU -> GAP -> linear. Its default target is that ReLU's output
+    # ("relu"), where the head is GAP -> linear: CAM there is the classic CAM of the post-ReLU map
+    # (what the linear layer sees). At "features" (before the ReLU) the head is not linear in A.
+    model, path = densenet_f32, tmp_path / "densenet.onnx"
+    result = to_onnx(model, path, "relu", topk=2, input_size=(64, 64))  # self-check: batch 3
     assert result.metadata["head"] == "gap-linear"
     ort_cam = OrtCAM(path)
     for batch in (1, 8):
@@ -425,7 +428,12 @@ def test_zoo_parity(name, layer, tmp_path):
 
 @pytest.mark.slow
 def test_mobilenet_v3_gradcam_through_a_hardswish_mlp(tmp_path):
-    model = make_model("mobilenet_v3_large", 64, dtype=F32)
+    # torchvision's MobileNetV3 (its head: pool -> linear -> Hardswish -> dropout -> linear), two
+    # of its blocks (SE + ReLU, Hardswish)
+    torch.manual_seed(0)
+    blocks = [InvertedResidualConfig(16, 3, 16, 16, True, "RE", 2, 1, 1.0),
+              InvertedResidualConfig(16, 5, 48, 24, True, "HS", 2, 1, 1.0)]  # fmt: skip
+    model = calibrate_bn(MobileNetV3(blocks, last_channel=64, num_classes=10), images(8, 64, F32))
     path = tmp_path / "mnv3.onnx"
     result = to_onnx(model, path, method="gradcam", topk=2, input_size=(64, 64))
     assert result.metadata["head"] == "pool-mlp"
@@ -434,7 +442,10 @@ def test_mobilenet_v3_gradcam_through_a_hardswish_mlp(tmp_path):
 
 @pytest.mark.slow
 def test_convnext_gradcam_through_its_layer_norm2d(tmp_path):
-    model = make_model("convnext_tiny", 64, dtype=F32)
+    # torchvision's ConvNeXt (its head: LayerNorm2d -> flatten -> linear) with two small stages
+    torch.manual_seed(0)
+    stages = [CNBlockConfig(16, 32, 1), CNBlockConfig(32, None, 1)]
+    model = ConvNeXt(stages, num_classes=10).eval()  # LayerNorm: no statistics to calibrate
     path = tmp_path / "convnext.onnx"
     with pytest.raises(ValueError, match="global average pooling"):  # LayerNorm2d: not linear
         to_onnx(model, path, method="cam", input_size=(64, 64))
@@ -447,8 +458,8 @@ def test_convnext_gradcam_through_its_layer_norm2d(tmp_path):
 
 
 @pytest.mark.slow
-def test_densenet_features_before_relu_is_not_a_cam_layer(tmp_path):
-    model = make_model("densenet121", 64, dtype=F32)
+def test_densenet_features_before_relu_is_not_a_cam_layer(densenet_f32, tmp_path):
+    model = densenet_f32
     with pytest.raises(ValueError, match="global average pooling"):
         to_onnx(model, tmp_path / "d.onnx", "features", method="cam", input_size=(64, 64))
 
