@@ -16,8 +16,9 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..engine import CAMEngine
 from ..io import ImageFolder, collate, find_images, image_keys
-from ..loading import resolve_device
+from ..loading import LoadedModel, resolve_device
 from .compute import Explained, check_model, explain_images, load
 from .config import ExplainConfig, default_workers
 from .folder import OutputFolder
@@ -79,11 +80,16 @@ def run_job(
     return summary
 
 
-def explain(config: ExplainConfig) -> Summary:
+def explain(config: ExplainConfig, model: tuple[LoadedModel, CAMEngine] | None = None) -> Summary:
     """Explain ``config.images`` into ``config.out`` in this process (``cam-engine explain``).
 
     Resumable: a run killed at any point leaves whole files only, and its rerun explains the
     images not done yet (see :mod:`.parts`).
+
+    Args:
+        config: the run's settings.
+        model: the model and engine to run, as :func:`~cam_engine.pipeline.load` gives them
+            for ``config`` (``None``: loaded here); the benchmark reuses one across runs.
 
     Returns:
         The :class:`Summary`, also printed on stderr.
@@ -92,13 +98,20 @@ def explain(config: ExplainConfig) -> Summary:
         raise ValueError("config.ray is set: run it with cam_engine.distributed.explain_dataset")
     device = resolve_device(config.device)
     folder = Parts(config.out, npz="npz" in config.save)
-    return run_job(config, folder, lambda paths, keys: _run(config, device, folder, paths, keys))
+    return run_job(
+        config, folder, lambda paths, keys: _run(config, device, folder, paths, keys, model)
+    )
 
 
 def _run(
-    config: ExplainConfig, device: torch.device, folder: Parts, paths: list[Path], keys: list[str]
+    config: ExplainConfig,
+    device: torch.device,
+    folder: Parts,
+    paths: list[Path],
+    keys: list[str],
+    model: tuple[LoadedModel, CAMEngine] | None,
 ) -> None:
-    loaded, engine = load(config, device)
+    loaded, engine = load(config, device) if model is None else model
     check_model(engine, loaded, config.targets)
     split = f"{engine.split_kind} split" + (", trunk compiled" if config.compile else "")
     if engine.cam_model.current().channels_last:
