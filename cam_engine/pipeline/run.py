@@ -145,35 +145,38 @@ def _run(
 
 class _Writer:
     """Writes the pictures of each batch on a few threads (zlib releases the GIL, so they overlap
-    the next batches' decoding and model), and commits each batch once its pictures are
-    written, in order, on the calling thread."""
+    the next batches' decoding and model), and commits each batch once its pictures are written,
+    in order, on one more thread: the commit's ``fsync`` waits for the disk, and the engine need
+    not wait with it."""
 
     def __init__(self, folder: Parts, save: frozenset[str], stack: ExitStack) -> None:
         self.folder, self.save = folder, save
         threads = max(1, default_workers())
         self.pool = stack.enter_context(ThreadPoolExecutor(threads, "cam-engine-png"))
-        self.pending: deque[tuple[list[Future], list[Explained], list[tuple[str, str]]]] = deque()
+        self.committer = stack.enter_context(ThreadPoolExecutor(1, "cam-engine-commit"))
+        self.pending: deque[Future] = deque()
         self.max_pending = 4 * threads  # batches: bounds the overlays and maps held in memory
 
     def write(self, results: list[Explained], failures: list[tuple[str, str]]) -> None:
-        """Write a batch's pictures, then commit it: its results and (key, reason) failures."""
+        """Write a batch's pictures, then commit it: its results and (key, reason) failures.
+
+        Raises the first failure of an earlier batch's pictures or commit."""
         found = [
             self.pool.submit(self.folder.write_pictures, pictures(result, self.save))
             for result in results
         ]
-        self.pending.append((found, results, failures))
-        while self.pending and (
-            len(self.pending) > self.max_pending or all(f.done() for f in self.pending[0][0])
-        ):
-            self._commit()
+        self.pending.append(self.committer.submit(self._commit, found, results, failures))
+        while self.pending and (len(self.pending) > self.max_pending or self.pending[0].done()):
+            self.pending.popleft().result()
 
     def finish(self) -> None:
-        """Commit every batch still waiting for its pictures; the first failure is raised."""
+        """Wait for every batch's commit; the first failure is raised."""
         while self.pending:
-            self._commit()
+            self.pending.popleft().result()
 
-    def _commit(self) -> None:
-        found, results, failures = self.pending.popleft()
+    def _commit(
+        self, found: list[Future], results: list[Explained], failures: list[tuple[str, str]]
+    ) -> None:
         for future in found:
             future.result()
         self.folder.write_batch(results, failures)
