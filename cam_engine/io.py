@@ -30,6 +30,8 @@ from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_image
 
+from .arguments import MAX_PIXELS
+
 __all__ = [
     "IMAGE_SUFFIXES",
     "MAX_PIXELS",
@@ -48,8 +50,6 @@ __all__ = [
 ]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-#: images with more pixels are not decoded by default: Pillow's ``Image.MAX_IMAGE_PIXELS``
-MAX_PIXELS = 89_478_485
 
 
 def find_images(

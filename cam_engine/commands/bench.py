@@ -8,6 +8,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from ..arguments import AUTOCAST, BENCH_BACKENDS, COMPILE_MODES, add_run_arguments
 from .common import quiet_torch_logs, square_side
 
 HELP = "benchmark the engine against plain inference and the hook-based libraries"
@@ -29,10 +30,6 @@ OPTIONS = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..bench import backends as bk
-    from ..bench.models import AUTOCAST, COMPILE_MODES
-    from ..loading import add_run_arguments
-
     parser.add_argument(
         "--models", "--model", help="comma-separated torchvision models (default: resnet50,vgg16)"
     )
@@ -47,7 +44,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--backends",
         help="comma-separated, default all: "
-        + ",".join([*bk.available(), PIPELINE])
+        + ",".join([*BENCH_BACKENDS, PIPELINE])
         + f" ({PIPELINE}: the whole explain job on JPEG files against the engine alone)",
     )
     parser.add_argument("--repeats", type=int, help="timed rounds per backend (default: 10)")

@@ -16,11 +16,12 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..arguments import default_workers
 from ..engine import CAMEngine
 from ..io import ImageFolder, collate, find_images, image_keys
 from ..loading import LoadedModel, resolve_device
 from .compute import Explained, check_model, explain_images, load
-from .config import ExplainConfig, default_workers
+from .config import ExplainConfig
 from .folder import OutputFolder
 from .outputs import output_name, pictures
 from .parts import Parts
