@@ -2,8 +2,9 @@
 
 Each subcommand lives in ``cam_engine/commands/<name>.py`` and provides ``HELP`` (one line),
 ``add_arguments(parser)`` and ``run(args) -> int``. A command module imports nothing heavy at its
-top: ``cam-engine --help`` and ``--version`` load neither torch nor any command's dependencies,
-and a run builds the arguments of its own command only.
+top, and its arguments come from :mod:`cam_engine.arguments`, which needs no torch: ``cam-engine
+--help``, ``--version`` and every ``cam-engine COMMAND --help`` load neither torch nor any
+command's dependencies, and a run builds the arguments of its own command only.
 """
 
 from __future__ import annotations
@@ -43,8 +44,7 @@ def _available() -> dict[str, ModuleType]:
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The parser of every command, with the options of ``command`` only (``None``: of all).
 
-    The other commands are there by name and help line, without importing what their options
-    need (the method list of ``explain`` loads torch).
+    The other commands are there by name and help line only.
     """
     parser = argparse.ArgumentParser(
         prog="cam-engine",

@@ -5,8 +5,8 @@ decodes them (torchvision's decoders, in DataLoader workers) into the original u
 model input resized to a fixed size, and :func:`collate` batches them, setting unreadable files
 aside instead of failing the batch. :func:`image_size` reads a file's size from its header, so
 that an image too large to decode (a decompression bomb) is set aside before it is decoded.
-Writing: :func:`save_png`, :class:`NpzWriter` (one ``.npz`` written array by array) and
-:func:`contact_sheet` (a titled grid of tiles).
+Writing: :func:`save_png` (:func:`png_bytes`), :class:`NpzWriter` (one ``.npz`` written array
+by array) and :func:`contact_sheet` (a titled grid of tiles).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import struct
 import unicodedata
 import warnings
 import zipfile
+import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,8 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision.io import ImageReadMode, decode_image
+
+from .arguments import MAX_PIXELS
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -41,13 +44,12 @@ __all__ = [
     "Batch",
     "collate",
     "save_png",
+    "png_bytes",
     "NpzWriter",
     "contact_sheet",
 ]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-#: images with more pixels are not decoded by default: Pillow's ``Image.MAX_IMAGE_PIXELS``
-MAX_PIXELS = 89_478_485
 
 
 def find_images(
@@ -306,13 +308,45 @@ def _to_hwc(image: Tensor) -> np.ndarray:
 def save_png(path: str | os.PathLike, image: Tensor | Image.Image, compress_level: int = 1) -> None:
     """Write a uint8 (3, H, W) RGB tensor (or a PIL image) as a PNG, creating parent folders.
 
-    ``compress_level`` 1 (zlib's fastest): on 640 x 480 overlays, files about 15% larger than
-    at PIL's default 6, written about 5x faster.
+    RGB pictures are encoded by :func:`png_bytes`; a PIL image of another mode by PIL.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    picture = image if isinstance(image, Image.Image) else Image.fromarray(_to_hwc(image))
-    picture.save(path, format="PNG", compress_level=compress_level)
+    if isinstance(image, Image.Image) and image.mode != "RGB":
+        image.save(path, format="PNG", compress_level=compress_level)
+        return
+    pixels = np.asarray(image) if isinstance(image, Image.Image) else _to_hwc(image)
+    path.write_bytes(png_bytes(pixels, compress_level))
+
+
+def png_bytes(pixels: np.ndarray, compress_level: int = 1) -> bytes:
+    """The PNG file of an (H, W, 3) uint8 RGB array.
+
+    Every row is filtered with PNG's "Sub" filter (each byte minus the one a pixel to its left)
+    and deflated with zlib's run-length strategy (``Z_RLE``) at ``compress_level`` (1: zlib's
+    fastest). On 640 x 480 overlays of noisy photos that is 2x faster than PIL at its fastest
+    (level 1, whose adaptive filter tries five filters per row), for files of the same size
+    within 1%, and 7x faster than PIL's default level 6, for 3% smaller files. NumPy and zlib
+    release the GIL, so threads encode in parallel.
+    """
+    if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.dtype != np.uint8:
+        raise ValueError(f"expected (H, W, 3) uint8 RGB pixels, got {pixels.dtype} {pixels.shape}")
+    height, width, _ = pixels.shape
+    rows = pixels.reshape(height, width * 3)
+    filtered = np.empty((height, width * 3 + 1), np.uint8)
+    filtered[:, 0] = 1  # the filter type of each row: Sub
+    filtered[:, 1:4] = rows[:, :3]
+    np.subtract(rows[:, 3:], rows[:, :-3], out=filtered[:, 4:])  # modulo 256, as PNG defines
+    deflate = zlib.compressobj(compress_level, zlib.DEFLATED, 15, 9, zlib.Z_RLE)
+    data = deflate.compress(filtered) + deflate.flush()
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB, no interlace
+    return b"".join(
+        [b"\x89PNG\r\n\x1a\n", _chunk(b"IHDR", header), _chunk(b"IDAT", data), _chunk(b"IEND", b"")]
+    )
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
 
 class NpzWriter:
@@ -380,12 +414,14 @@ def probability_text(p: float) -> str:
 
 
 def contact_sheet(
-    tiles: Tensor, titles: Sequence[Sequence[str]] | None = None, pad: int = 4
+    tiles: Tensor | np.ndarray, titles: Sequence[Sequence[str]] | None = None, pad: int = 4
 ) -> Image.Image:
     """A grid of images with a title line above each, on a white background.
 
     Args:
-        tiles: (R, C, 3, H, W) uint8 RGB: R rows of C images (e.g. an input and its overlays).
+        tiles: (R, C, 3, H, W) uint8 RGB: R rows of C images (e.g. an input and its overlays);
+            or a NumPy array of the same tiles channels-last, (R, C, H, W, 3) uint8, which
+            needs no torch (a thread pool drawing sheets then leaves torch's threads alone).
         titles: R rows of C strings (``""`` for none), or ``None`` for no title lines. Titles
             wider than their tile are shortened with an ellipsis; control characters and
             undecodable bytes of file names show as ``?``.
@@ -394,11 +430,19 @@ def contact_sheet(
     Returns:
         An RGB ``PIL.Image`` of width ``C * (W + pad) + pad``.
     """
-    if tiles.ndim != 5 or tiles.shape[2] != 3 or tiles.dtype != torch.uint8:
+    if isinstance(tiles, np.ndarray):
+        if tiles.ndim != 5 or tiles.shape[4] != 3 or tiles.dtype != np.uint8:
+            raise ValueError(
+                f"tile arrays must be uint8 (R, C, H, W, 3), got {tiles.dtype} {tiles.shape}"
+            )
+        pixels = tiles
+    elif tiles.ndim != 5 or tiles.shape[2] != 3 or tiles.dtype != torch.uint8:
         raise ValueError(
             f"tiles must be uint8 (R, C, 3, H, W), got {tiles.dtype} {tuple(tiles.shape)}"
         )
-    rows, cols, _, height, width = tiles.shape
+    else:
+        pixels = tiles.detach().cpu().permute(0, 1, 3, 4, 2).numpy()
+    rows, cols, height, width, _ = pixels.shape
     if titles is not None and (len(titles) != rows or any(len(row) != cols for row in titles)):
         raise ValueError(f"titles must be {rows} rows of {cols} strings")
     font = _font(width)
@@ -406,7 +450,6 @@ def contact_sheet(
     cell_h, cell_w = line + height + pad, width + pad
     sheet = Image.new("RGB", (cols * cell_w + pad, rows * cell_h + pad), "white")
     draw = ImageDraw.Draw(sheet)
-    pixels = tiles.detach().cpu().permute(0, 1, 3, 4, 2).contiguous().numpy()
     for r in range(rows):
         for c in range(cols):
             x, y = pad + c * cell_w, pad + r * cell_h

@@ -2,8 +2,8 @@
 
 ``load_model`` returns the model in eval mode together with what is needed to feed it (input
 size, mean, std) and to name its classes, taken from the torchvision weights when there are some.
-``add_model_arguments`` gives every command the same options for it, ``resolve_device`` the same
-``--device``.
+``add_model_arguments`` (from :mod:`cam_engine.arguments`, which needs no torch) gives every
+command the same options for it, ``resolve_device`` the same ``--device``.
 
 Files are read with ``torch.load(weights_only=True)``, which cannot run code; a model saved whole
 (a pickle, which can) is unpickled only when the caller opts in with ``allow_pickle``.
@@ -11,7 +11,6 @@ Files are read with ``torch.load(weights_only=True)``, which cannot run code; a 
 
 from __future__ import annotations
 
-import argparse
 import difflib
 import importlib
 import importlib.util
@@ -28,9 +27,16 @@ import torchvision
 from torch import Tensor, nn
 from torchvision.models import WeightsEnum
 
+# the command line's options live in a module without torch (so that --help needs none); they
+# are this module's public names too
+from .arguments import add_model_arguments, add_run_arguments, parse_input_size, size_pair
+
 __all__ = [
     "LoadedModel",
     "add_model_arguments",
+    "add_run_arguments",
+    "parse_input_size",
+    "size_pair",
     "load_model",
     "read_labels",
     "resolve_device",
@@ -344,100 +350,6 @@ def load_model(
         categories = None
     model = model.eval().to(device)
     return LoadedModel(model, size, mean, std, categories, source, random_weights)
-
-
-def add_model_arguments(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
-    """The options naming a model for :func:`load_model`, the same in every command.
-
-    Adds ``--model``, ``--weights``, ``--num-classes`` and ``--allow-pickle`` (dests ``model``,
-    ``weights``, ``num_classes``, ``allow_pickle``) as one group of the help.
-
-    Args:
-        parser: the command's parser.
-        required: ``False`` for a command that also takes the model another way (``export``'s
-            positional MODEL); it must then check that one of them was given.
-    """
-    group = parser.add_argument_group("model")
-    group.add_argument(
-        "--model",
-        required=required,
-        help="a torchvision classifier name (resnet50, convnext_tiny, vit_b_16, ...); a file "
-        "saved with torch.save(model) (needs --allow-pickle); or module:function / "
-        "file.py:function returning a model",
-    )
-    group.add_argument(
-        "--weights",
-        help="DEFAULT or a weights name of the torchvision model (IMAGENET1K_V2), or a "
-        "state_dict file; default: none (RANDOM weights for a torchvision name)",
-    )
-    group.add_argument(
-        "--num-classes", type=int, help="outputs of a torchvision model + state_dict"
-    )
-    group.add_argument(
-        "--allow-pickle",
-        action="store_true",
-        help="unpickle a --model file saved with torch.save(model); unpickling runs any code "
-        "the file holds: trusted files only (--weights files are never unpickled)",
-    )
-
-
-def size_pair(value: str | int | Sequence[int]) -> tuple[int, int]:
-    """An input size: ``"H,W"``, ``"HxW"``, ``"S"`` (square), ``S`` or ``(H, W)`` -> ``(H, W)``.
-
-    Raises:
-        ValueError: anything else, or a side below 1.
-    """
-    if isinstance(value, str):
-        parts = re.split(r"[,x]", value.strip())
-    else:
-        parts = [value] if isinstance(value, int) else list(value)
-    try:
-        size = tuple(int(p) if isinstance(p, str) else p for p in parts)
-    except ValueError:
-        size = ()
-    size = size * 2 if len(size) == 1 else size
-    valid = all(isinstance(n, int) and not isinstance(n, bool) for n in size)
-    if len(size) != 2 or not valid or min(size) < 1:
-        raise ValueError(f"expected H,W or HxW or S (positive), got {value!r}")
-    return size
-
-
-def parse_input_size(text: str) -> tuple[int, int]:
-    """``--input-size``'s argparse type: :func:`size_pair` of the text."""
-    try:
-        return size_pair(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def add_run_arguments(
-    parser: argparse.ArgumentParser,
-    *,
-    layer_help: str,
-    size_help: str,
-    batch_help: str | None = None,
-    batch_size: int | None = None,
-) -> None:
-    """``--target-layer``, ``--batch-size`` and ``--input-size``, spelled alike in every command.
-
-    The older spellings of ``bench`` and ``profile`` (``--layer``, ``--batch``, ``--size``) are
-    aliases; the dests are ``target_layer``, ``batch_size`` and ``input_size`` (``(H, W)``, see
-    :func:`parse_input_size`).
-
-    Args:
-        parser: the command's parser.
-        layer_help, size_help: the options' help, which says what their defaults are.
-        batch_help: ``--batch-size``'s help; ``None`` for a command without the option.
-        batch_size: the default of ``--batch-size``.
-    """
-    parser.add_argument("--target-layer", "--layer", help=layer_help)
-    if batch_help is not None:
-        parser.add_argument(
-            "--batch-size", "--batch", type=int, default=batch_size, help=batch_help
-        )
-    parser.add_argument(
-        "--input-size", "--size", type=parse_input_size, metavar="H,W", help=size_help
-    )
 
 
 def resolve_device(name: str | None) -> torch.device:

@@ -28,6 +28,7 @@ from .models import ModelSpec, build_model, example_batch
 
 __all__ = [
     "Measurement",
+    "loadavg",
     "run_model",
     "time_interleaved",
     "peak_memory_child",
@@ -45,7 +46,10 @@ class Measurement:
 
     ``method`` is ``"-"`` for plain inference. ``skipped`` holds the reason a backend did not
     run (its numbers are then empty). ``max_diff`` is the largest absolute difference of its
-    heatmaps from the engine's on the same batch.
+    heatmaps from the engine's on the same batch. ``images`` is how many images one timed call
+    explains when that is not ``batch`` (a pipeline row's folder of ``photos``, "HxW" JPEG
+    files, see :mod:`cam_engine.bench.pipeline`). ``load_avg`` is the machine's load average
+    (1, 5, 15 minutes) when the timing ended: on a shared machine, how busy it was.
     """
 
     model: str
@@ -59,6 +63,9 @@ class Measurement:
     max_diff: float | None = None
     note: str = ""
     skipped: str | None = None
+    images: int | None = None
+    photos: str | None = None
+    load_avg: tuple[float, float, float] | None = None
 
     @property
     def median_s(self) -> float | None:
@@ -67,10 +74,32 @@ class Measurement:
     @property
     def images_per_s(self) -> float | None:
         median = self.median_s
-        return self.batch / median if median else None
+        return (self.images or self.batch) / median if median else None
+
+    @property
+    def images_per_s_iqr(self) -> tuple[float, float] | None:
+        """The interquartile range of the rounds' images/s (low, high); ``None`` under 2 rounds."""
+        if len(self.times_s) < 2:
+            return None
+        rates = [(self.images or self.batch) / t for t in self.times_s]
+        low, _, high = statistics.quantiles(rates, n=4, method="inclusive")
+        return low, high
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "median_s": self.median_s, "images_per_s": self.images_per_s}
+        return {
+            **asdict(self),
+            "median_s": self.median_s,
+            "images_per_s": self.images_per_s,
+            "images_per_s_iqr": self.images_per_s_iqr,
+        }
+
+
+def loadavg() -> tuple[float, float, float] | None:
+    """The system's load average over 1, 5 and 15 minutes; ``None`` where there is none."""
+    try:
+        return os.getloadavg()
+    except OSError:
+        return None
 
 
 def _sync(device: torch.device) -> None:
@@ -223,8 +252,10 @@ def run_model(
         prepared = _prepare(spec, batch, methods, backends, case, rows)
         calls = {f"{n}/{m}": p for (n, m), p in prepared.items()}
         times = time_interleaved(calls, x, warmup, repeats, progress)
+        load = loadavg()
         for name, method in prepared:
             rows[name, method].times_s = times[f"{name}/{method}"]
+            rows[name, method].load_avg = load
         if memory and x.device.type == "cuda":
             for key, ready in prepared.items():
                 rows[key].peak_memory_bytes = peak_memory_cuda(ready, x)
@@ -277,7 +308,8 @@ class AllClasses:
     """Every class map of a batch: the engine in one call vs pytorch-grad-cam one class a call.
 
     ``pgc_call_s`` are measured single-class calls (all B images, one class each); the time for
-    all classes is extrapolated as their median times ``classes``.
+    all classes is extrapolated as their median times ``classes``. ``load_avg``: as in
+    :class:`Measurement`.
     """
 
     model: str
@@ -289,6 +321,7 @@ class AllClasses:
     pgc_call_s: list[float] = field(default_factory=list)
     max_diff: float | None = None
     skipped: str | None = None
+    load_avg: tuple[float, float, float] | None = None
 
     @property
     def engine_median_s(self) -> float | None:
@@ -343,4 +376,5 @@ def run_all_classes(
         del first
         times = time_interleaved(calls, x, warmup=1, repeats=repeats, progress=progress)
     result.engine_s, result.pgc_call_s = times["engine"], times["pgc"]
+    result.load_avg = loadavg()
     return result

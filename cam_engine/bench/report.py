@@ -21,6 +21,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .backends import BACKENDS
 from .harness import AllClasses, Measurement
+from .pipeline import ENGINE, JOB
 
 __all__ = [
     "TARGETS",
@@ -225,9 +226,33 @@ def _diff(value: float | None) -> str:
     return f"{value:.1e}" if value is not None else ""
 
 
+def _rate(row: dict) -> str:
+    """Images/s and the interquartile range of its rounds: ``21.5 (21.0-22.1)``."""
+    text = f"{row['images_per_s']:,.1f}"
+    spread = row.get("images_per_s_iqr")  # absent from results files of earlier versions
+    return text + (f" ({spread[0]:,.1f}-{spread[1]:,.1f})" if spread else "")
+
+
+def _load(item: dict) -> str:
+    """The load-average sentence of a table, or ``""`` when it was not recorded."""
+    load = item.get("load_avg")
+    if not load:
+        return ""
+    return (
+        f"Load average when measured: {load[0]:.2f}, {load[1]:.2f}, {load[2]:.2f} (1, 5, 15 "
+        "minutes)."
+    )
+
+
+def _loads(items: list[dict]) -> list[str]:
+    """The distinct load-average sentences of rows measured together, as paragraph lines."""
+    found = list(dict.fromkeys(_load(item) for item in items if _load(item)))
+    return [" ".join(found), ""] if found else []
+
+
 def _table(rows: list[dict]) -> list[str]:
     lines = [
-        "| method | backend | images/s | overhead (time / plain) | vs hook reference "
+        "| method | backend | images/s (IQR) | overhead (time / plain) | vs hook reference "
         "| vs pytorch-grad-cam | peak memory MiB (x plain) | max abs diff vs engine | notes |",
         "|---|---|--:|--:|--:|--:|--:|--:|---|",
     ]
@@ -242,7 +267,7 @@ def _table(rows: list[dict]) -> list[str]:
         if r["memory_vs_plain"] is not None:
             memory += f" ({r['memory_vs_plain']:.2f}x)"
         lines.append(
-            f"| {r['method']} | {r['backend']} | {r['images_per_s']:,.1f} | {_x(r['overhead'])} "
+            f"| {r['method']} | {r['backend']} | {_rate(r)} | {_x(r['overhead'])} "
             f"| {_x(r['vs_reference'])} | {_x(r['vs_pgc'])} | {memory} | {_diff(r['max_diff'])} "
             f"| {r['note'].strip()} |"
         )
@@ -269,9 +294,32 @@ def _all_classes_table(items: list[dict]) -> list[str]:
     return lines
 
 
+def _pipeline_table(rows: list[dict]) -> list[str]:
+    """The explain job against the engine alone, per model and photo size."""
+    lines = [
+        "| model | method | batch | photos | images | engine alone, images/s (IQR) "
+        "| explain job, images/s (IQR) | job / engine | load average (1, 5, 15 min) |",
+        "|---|---|--:|---|--:|--:|--:|--:|--:|",
+    ]
+    engines = {(*_group(r), r["method"], r["photos"]): r for r in rows if r["backend"] == ENGINE}
+    for job in (r for r in rows if r["backend"] == JOB):
+        engine = engines.get((*_group(job), job["method"], job["photos"]))
+        if engine is None:
+            continue
+        lines.append(
+            f"| {job['model']} | {job['method']} | {job['batch']} | {job['photos']} "
+            f"| {job['images']} | {_rate(engine)} | {_rate(job)} "
+            f"| {job['images_per_s'] / engine['images_per_s']:.2f}x "
+            f"| {', '.join(f'{x:.2f}' for x in job.get('load_avg') or ())} |"
+        )
+    return lines
+
+
 def markdown(doc: dict, command: str = "") -> str:
     """BENCHMARKS.md text of a results document."""
-    env, rows = doc["environment"], ratios(doc["rows"])
+    env = doc["environment"]
+    jobs = [r for r in doc["rows"] if r.get("photos")]
+    rows = ratios([r for r in doc["rows"] if not r.get("photos")])
     versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items())
     out = [
         "# Benchmarks",
@@ -291,13 +339,15 @@ def markdown(doc: dict, command: str = "") -> str:
         "'max abs diff vs engine' checks they computed the same maps. Overhead is the time of "
         "one call over plain inference's (ort-cam: over the plain ONNX Runtime model's). Peak "
         "memory: CPU, the peak resident-set growth of one call in a fresh process per backend; "
-        "CUDA, `torch.cuda.max_memory_allocated` above the memory allocated before the call.",
+        "CUDA, `torch.cuda.max_memory_allocated` above the memory allocated before the call. "
+        "In brackets: the interquartile range of the rounds' images/s.",
     ]
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         groups.setdefault(_group(r), []).append(r)
     for (model, batch, size, device), group in groups.items():
         out += ["", f"## {model}, batch {batch}, {size}x{size}, {device}", ""]
+        out += _loads(group)
         out += _table(group)
     if doc["all_classes"]:
         out += ["", "## All classes at once (Grad-CAM, closed form)", ""]
@@ -306,7 +356,18 @@ def markdown(doc: dict, command: str = "") -> str:
             "needs one call per class: a few calls are measured and the total extrapolated.",
             "",
         ]
+        out += _loads(doc["all_classes"])
         out += _all_classes_table(doc["all_classes"])
+    if jobs:
+        out += ["", "## The whole explain job", ""]
+        out += [
+            "`cam-engine explain` with every output on (decoding the JPEG files, the engine, "
+            "maps at each image's size, overlays, contact sheets, PNG and NPZ files) against the "
+            "engine alone on the same images, decoded and resized beforehand: one timed call "
+            "explains the whole folder.",
+            "",
+        ]
+        out += _pipeline_table(jobs)
     checked = check_targets(rows)
     if checked:
         out += ["", "## Targets", "", "| target | measured | met |", "|---|--:|---|"]
@@ -325,7 +386,7 @@ def bar_chart(doc: dict, path: Path, width: int = 900) -> None:
 
     Drawn with Pillow only (no matplotlib needed).
     """
-    rows = [r for r in doc["rows"] if r["images_per_s"]]
+    rows = [r for r in doc["rows"] if r["images_per_s"] and not r.get("photos")]
     panels: dict[tuple, list[dict]] = {}
     for r in rows:
         plain = r["method"] == "-"

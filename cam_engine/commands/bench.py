@@ -8,6 +8,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from ..arguments import AUTOCAST, BENCH_BACKENDS, COMPILE_MODES, add_run_arguments
 from .common import quiet_torch_logs, square_side
 
 HELP = "benchmark the engine against plain inference and the hook-based libraries"
@@ -16,6 +17,8 @@ HELP = "benchmark the engine against plain inference and the hook-based librarie
 QUICK = {"models": "resnet18", "batch": 2, "size": 64, "repeats": 3, "warmup": 1}
 #: backends --quick leaves out unless named (torch.compile takes minutes on a small CPU)
 SLOW_BACKENDS = ("engine-compile",)
+#: the --backends name of the explain-job rows (cam_engine.bench.pipeline)
+PIPELINE = "pipeline"
 #: the settings' option names, as the repeat command line spells them
 OPTIONS = {
     "models": "--models",
@@ -27,10 +30,6 @@ OPTIONS = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..bench import backends as bk
-    from ..bench.models import AUTOCAST, COMPILE_MODES
-    from ..loading import add_run_arguments
-
     parser.add_argument(
         "--models", "--model", help="comma-separated torchvision models (default: resnet50,vgg16)"
     )
@@ -44,7 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--methods", default="gradcam,cam", help="comma-separated methods")
     parser.add_argument(
         "--backends",
-        help="comma-separated, default all: " + ",".join(bk.available()),
+        help="comma-separated, default all: "
+        + ",".join([*BENCH_BACKENDS, PIPELINE])
+        + f" ({PIPELINE}: the whole explain job on JPEG files against the engine alone)",
     )
     parser.add_argument("--repeats", type=int, help="timed rounds per backend (default: 10)")
     parser.add_argument("--warmup", type=int, help="untimed calls per backend first (default: 2)")
@@ -71,6 +72,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-all-classes", action="store_true", help="skip the 'all classes at once' comparison"
     )
     parser.add_argument("--out", type=Path, default=Path("out/bench"), help="output folder")
+    parser.add_argument(
+        "--keep-models",
+        action="store_true",
+        help="keep the model files (ONNX) the run exports to OUT/models; by default the files "
+        "it created are deleted at its end",
+    )
     parser.add_argument(
         "--markdown", type=Path, help="where to write the tables (default OUT/BENCHMARKS.md)"
     )
@@ -107,10 +114,11 @@ def _settings(args: argparse.Namespace) -> dict:
         "warmup": args.warmup,
     }
     chosen.update({k: v for k, v in given.items() if v is not None})
+    every = [*bk.available(), PIPELINE]
     if args.backends:
-        names = _names(args.backends, bk.available(), "backend(s)")
+        names = _names(args.backends, every, "backend(s)")
     else:
-        names = [b for b in bk.available() if not (args.quick and b in SLOW_BACKENDS)]
+        names = [b for b in every if not (args.quick and b in SLOW_BACKENDS)]
     chosen["backends"] = names
     chosen["methods"] = _names(args.methods, methods.available(), "method(s)")
     chosen["models"] = [m.strip() for m in chosen["models"].split(",") if m.strip()]
@@ -142,7 +150,7 @@ def _command(cfg: dict, args: argparse.Namespace) -> str:
         parts += [OPTIONS[key], str(cfg[key])]
     parts += ["--device", args.device, "--methods", ",".join(cfg["methods"])]
     parts += ["--backends", ",".join(cfg["backends"]), "--threads", str(torch.get_num_threads())]
-    flags = ("channels_last", "no_memory", "no_all_classes")
+    flags = ("channels_last", "no_memory", "no_all_classes", "keep_models")
     parts += ["--" + f.replace("_", "-") for f in flags if getattr(args, f)]
     if args.quick and not args.no_memory:
         parts.append("--no-memory")
@@ -159,8 +167,6 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..bench import report
-    from ..bench.harness import run_all_classes, run_model
-    from ..bench.models import ModelSpec
     from ..loading import resolve_device
 
     quiet_torch_logs()
@@ -175,34 +181,14 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads or 1)
     cfg = _settings(args)
     command = _command(cfg, args)
-    rows, everything = [], []
-    for name in cfg["models"]:
-        spec = ModelSpec(
-            name,
-            cfg["size"],
-            device=args.device,
-            channels_last=args.channels_last,
-            autocast=args.autocast,
-            compile_mode=args.compile_mode,
-        )
-        print(f"{name}: batch {cfg['batch']}, {cfg['size']}px, {args.device}", file=sys.stderr)
-        rows += run_model(
-            spec,
-            cfg["batch"],
-            cfg["methods"],
-            cfg["backends"],
-            layer=args.target_layer,
-            warmup=cfg["warmup"],
-            repeats=cfg["repeats"],
-            memory=not (args.no_memory or args.quick),
-            workdir=args.out / "models",
-        )
-        if not args.no_all_classes and "gradcam" in cfg["methods"]:
-            everything.append(
-                run_all_classes(
-                    spec, cfg["batch"], layer=args.target_layer, repeats=min(3, cfg["repeats"])
-                )
-            )
+    backends = [b for b in cfg["backends"] if b != PIPELINE]
+    models = args.out / "models"
+    before = set(models.rglob("*")) if models.exists() else set()
+    try:
+        rows, everything = _measure(args, cfg, backends)
+    finally:
+        if not args.keep_models:
+            _remove_new(models, before)
     config = {
         **cfg,
         "device": args.device,
@@ -216,3 +202,64 @@ def run(args: argparse.Namespace) -> int:
     _write(doc, args, command)
     print(f"wrote {args.out / 'results.json'}")
     return 0
+
+
+def _remove_new(folder: Path, before: set[Path]) -> None:
+    """Delete what ``folder`` holds beyond the paths ``before`` (the folder too, if empty)."""
+    if not folder.exists():
+        return
+    for path in sorted(set(folder.rglob("*")) - before, reverse=True):  # files before folders
+        if path.is_dir():
+            path.rmdir()
+        else:
+            path.unlink()
+    if not before:
+        folder.rmdir()
+
+
+def _measure(args: argparse.Namespace, cfg: dict, backends: list[str]) -> tuple[list, list]:
+    """The rows and the all-classes comparisons of every model."""
+    from ..bench.harness import run_all_classes, run_model
+    from ..bench.models import ModelSpec
+    from ..bench.pipeline import run_pipeline
+
+    rows, everything = [], []
+    for name in cfg["models"]:
+        spec = ModelSpec(
+            name,
+            cfg["size"],
+            device=args.device,
+            channels_last=args.channels_last,
+            autocast=args.autocast,
+            compile_mode=args.compile_mode,
+        )
+        print(f"{name}: batch {cfg['batch']}, {cfg['size']}px, {args.device}", file=sys.stderr)
+        if backends:
+            rows += run_model(
+                spec,
+                cfg["batch"],
+                cfg["methods"],
+                backends,
+                layer=args.target_layer,
+                warmup=cfg["warmup"],
+                repeats=cfg["repeats"],
+                memory=not (args.no_memory or args.quick),
+                workdir=args.out / "models",
+            )
+        if PIPELINE in cfg["backends"]:
+            rows += run_pipeline(
+                spec,
+                cfg["batch"],
+                cfg["methods"][0],
+                layer=args.target_layer,
+                warmup=max(1, cfg["warmup"]),
+                repeats=cfg["repeats"],
+                workdir=args.out,
+            )
+        if not args.no_all_classes and "gradcam" in cfg["methods"]:
+            everything.append(
+                run_all_classes(
+                    spec, cfg["batch"], layer=args.target_layer, repeats=min(3, cfg["repeats"])
+                )
+            )
+    return rows, everything

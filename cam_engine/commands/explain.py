@@ -11,6 +11,16 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..arguments import (
+    COLORMAPS,
+    MAX_PIXELS,
+    METHODS,
+    SAVE_CHOICES,
+    add_model_arguments,
+    add_run_arguments,
+    default_workers,
+)
+
 if TYPE_CHECKING:
     import torch
 
@@ -25,21 +35,12 @@ HELP = (
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    # the lists in the help come from the library, which loads torch
-    from .. import methods
-    from ..io import MAX_PIXELS
-    from ..loading import add_model_arguments, add_run_arguments
-    from ..pipeline.config import SAVE_CHOICES, default_workers
-    from ..postprocess import available_colormaps
-
     parser.add_argument(
         "images", nargs="+", metavar="IMAGES_OR_DIRS", help="image files and folders (recursive)"
     )
     add_model_arguments(parser)
     parser.add_argument("--labels", type=Path, help="class names, one per line (line i = class i)")
-    parser.add_argument(
-        "--method", default="gradcam", help=f"one of {', '.join(methods.available())}"
-    )
+    parser.add_argument("--method", default="gradcam", help=f"one of {', '.join(METHODS)}")
     parser.add_argument(
         "--targets",
         default="top1",
@@ -78,9 +79,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--mean", help="3 normalisation means (default: the weights' or ImageNet's)"
     )
     parser.add_argument("--std", help="3 normalisation stds (default: the weights' or ImageNet's)")
-    parser.add_argument(
-        "--colormap", default="jet", help=f"one of {', '.join(available_colormaps())}"
-    )
+    parser.add_argument("--colormap", default="jet", help=f"one of {', '.join(COLORMAPS)}")
     parser.add_argument("--alpha", type=float, default=0.5, help="weight of the colour overlay")
     parser.add_argument(
         "--out",

@@ -7,6 +7,8 @@ import re
 import sys
 from pathlib import Path
 
+from ..arguments import add_model_arguments, add_run_arguments
+
 HELP = "export a classifier to ONNX with its CAM / Grad-CAM heatmaps computed inside the graph"
 
 
@@ -21,8 +23,6 @@ def normalize_argv(argv: list[str]) -> list[str]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..loading import add_model_arguments, add_run_arguments
-
     parser.add_argument(
         "legacy_model", nargs="?", metavar="MODEL", help="the model, as --model (older spelling)"
     )

@@ -6,15 +6,13 @@ import argparse
 import json
 from pathlib import Path
 
+from ..arguments import METHODS, add_run_arguments
 from .common import quiet_torch_logs, square_side
 
 HELP = "profile one explain call stage by stage (torch.profiler), beside the hook-based reference"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from .. import methods
-    from ..loading import add_run_arguments
-
     parser.add_argument("--model", default="resnet50", help="torchvision model (random weights)")
     add_run_arguments(
         parser,
@@ -24,9 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         size_help="S (or S,S or SxS): the square images' side (default: 224)",
     )
     parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1")
-    parser.add_argument(
-        "--method", default="gradcam", help="one of " + ", ".join(methods.available())
-    )
+    parser.add_argument("--method", default="gradcam", help="one of " + ", ".join(METHODS))
     parser.add_argument("--repeats", type=int, default=3, help="profiled calls (after 1 warm-up)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument(

@@ -12,14 +12,11 @@ from pathlib import Path
 import torch
 
 from .. import methods
-from ..io import MAX_PIXELS
-from ..loading import size_pair
+from ..arguments import MAX_PIXELS, SAVE_CHOICES, default_workers, size_pair
 from ..postprocess import colormap_lut
 from ..targets import BottomK, TopK
 
 __all__ = ["SAVE_CHOICES", "ExplainConfig", "Targets", "parse_targets", "targets_text"]
-
-SAVE_CHOICES = ("png", "sheet", "npz", "html")
 
 Targets = TopK | BottomK | tuple[int, ...]
 
@@ -54,12 +51,6 @@ def targets_text(targets: Targets) -> str:
     if isinstance(targets, BottomK):
         return f"bottom{targets.k}"
     return ",".join(map(str, targets))
-
-
-def default_workers() -> int:
-    """Image decoding processes by default: one per CPU this process may use, at most 4."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return min(4, cpus or 1)
 
 
 def _numbers(value: object, kind: type, what: str) -> tuple | None:

@@ -10,6 +10,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TextIO
 
+import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
@@ -110,22 +111,45 @@ def write_skipped(file: TextIO, rows: list[tuple[str, str]]) -> None:
     table.writerows(rows)
 
 
-def pictures(result: Explained, save: Iterable[str]) -> Iterator[tuple[str, Tensor | Image.Image]]:
-    """The overlay PNGs and the contact sheet of one image, rendered when iterated.
+def pictures(result: Explained, save: Iterable[str]) -> Iterator[tuple[str, Image.Image]]:
+    """The overlay PNGs and the contact sheet of one image.
+
+    The tensor work (the sheet's tiles scaled down, every picture's pixels laid out as NumPy
+    rows) is done when this is called, on the calling thread and its torch threads; the
+    pictures are drawn when the result is iterated, with PIL and NumPy only. A thread pool that
+    iterates it and writes the PNGs (zlib releases the GIL) then runs no torch operation: those
+    would start torch threads of their own next to the engine's.
 
     Args:
         result: the image's results, with its original and overlays (none: no pictures).
         save: which pictures (``"png"``, ``"sheet"``; other names are ignored).
 
-    Yields:
-        (path relative to the output folder, picture for :func:`cam_engine.io.save_png`).
+    Returns:
+        An iterator of (path relative to the output folder, picture for
+        :func:`cam_engine.io.save_png`).
     """
-    if result.overlays is None:
-        return
-    if "png" in save:
-        for c, tile in zip(result.classes, result.overlays, strict=True):
-            yield overlay_file(picture_name(result.key), c), tile
+    save = set(save)
+    if result.overlays is None or not save & {"png", "sheet"}:
+        return iter(())
+    overlays = _rgb_rows(result.overlays) if "png" in save else None
+    tiles = None
     if "sheet" in save:
+        tiles = _rgb_rows(_shrink(torch.cat([result.image[None], result.overlays])))
+    return _draw(result, overlays, tiles)
+
+
+def _rgb_rows(images: Tensor) -> np.ndarray:
+    """(N, 3, H, W) uint8 -> (N, H, W, 3) uint8 NumPy, on the CPU."""
+    return images.detach().cpu().permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def _draw(
+    result: Explained, overlays: np.ndarray | None, tiles: np.ndarray | None
+) -> Iterator[tuple[str, Image.Image]]:
+    if overlays is not None:
+        for c, tile in zip(result.classes, overlays, strict=True):
+            yield overlay_file(picture_name(result.key), c), Image.fromarray(tile)
+    if tiles is not None:
         titles = [Path(result.key).name] + [
             f"{name} p={probability_text(p)}"
             for name, p in zip(result.names, result.scores, strict=True)

@@ -16,10 +16,12 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..arguments import default_workers
+from ..engine import CAMEngine
 from ..io import ImageFolder, collate, find_images, image_keys
-from ..loading import resolve_device
+from ..loading import LoadedModel, resolve_device
 from .compute import Explained, check_model, explain_images, load
-from .config import ExplainConfig, default_workers
+from .config import ExplainConfig
 from .folder import OutputFolder
 from .gallery import update_gallery
 from .outputs import output_name, pictures
@@ -81,11 +83,16 @@ def run_job(
     return summary
 
 
-def explain(config: ExplainConfig) -> Summary:
+def explain(config: ExplainConfig, model: tuple[LoadedModel, CAMEngine] | None = None) -> Summary:
     """Explain ``config.images`` into ``config.out`` in this process (``cam-engine explain``).
 
     Resumable: a run killed at any point leaves whole files only, and its rerun explains the
     images not done yet (see :mod:`.parts`).
+
+    Args:
+        config: the run's settings.
+        model: the model and engine to run, as :func:`~cam_engine.pipeline.load` gives them
+            for ``config`` (``None``: loaded here); the benchmark reuses one across runs.
 
     Returns:
         The :class:`Summary`, also printed on stderr.
@@ -94,13 +101,20 @@ def explain(config: ExplainConfig) -> Summary:
         raise ValueError("config.ray is set: run it with cam_engine.distributed.explain_dataset")
     device = resolve_device(config.device)
     folder = Parts(config.out, npz="npz" in config.save)
-    return run_job(config, folder, lambda paths, keys: _run(config, device, folder, paths, keys))
+    return run_job(
+        config, folder, lambda paths, keys: _run(config, device, folder, paths, keys, model)
+    )
 
 
 def _run(
-    config: ExplainConfig, device: torch.device, folder: Parts, paths: list[Path], keys: list[str]
+    config: ExplainConfig,
+    device: torch.device,
+    folder: Parts,
+    paths: list[Path],
+    keys: list[str],
+    model: tuple[LoadedModel, CAMEngine] | None,
 ) -> None:
-    loaded, engine = load(config, device)
+    loaded, engine = load(config, device) if model is None else model
     check_model(engine, loaded, config.targets)
     split = f"{engine.split_kind} split" + (", trunk compiled" if config.compile else "")
     if engine.cam_model.current().channels_last:
@@ -134,35 +148,38 @@ def _run(
 
 class _Writer:
     """Writes the pictures of each batch on a few threads (zlib releases the GIL, so they overlap
-    the next batches' decoding and model), and commits each batch once its pictures are
-    written, in order, on the calling thread."""
+    the next batches' decoding and model), and commits each batch once its pictures are written,
+    in order, on one more thread: the commit's ``fsync`` waits for the disk, and the engine need
+    not wait with it."""
 
     def __init__(self, folder: Parts, save: frozenset[str], stack: ExitStack) -> None:
         self.folder, self.save = folder, save
         threads = max(1, default_workers())
         self.pool = stack.enter_context(ThreadPoolExecutor(threads, "cam-engine-png"))
-        self.pending: deque[tuple[list[Future], list[Explained], list[tuple[str, str]]]] = deque()
+        self.committer = stack.enter_context(ThreadPoolExecutor(1, "cam-engine-commit"))
+        self.pending: deque[Future] = deque()
         self.max_pending = 4 * threads  # batches: bounds the overlays and maps held in memory
 
     def write(self, results: list[Explained], failures: list[tuple[str, str]]) -> None:
-        """Write a batch's pictures, then commit it: its results and (key, reason) failures."""
+        """Write a batch's pictures, then commit it: its results and (key, reason) failures.
+
+        Raises the first failure of an earlier batch's pictures or commit."""
         found = [
             self.pool.submit(self.folder.write_pictures, pictures(result, self.save))
             for result in results
         ]
-        self.pending.append((found, results, failures))
-        while self.pending and (
-            len(self.pending) > self.max_pending or all(f.done() for f in self.pending[0][0])
-        ):
-            self._commit()
+        self.pending.append(self.committer.submit(self._commit, found, results, failures))
+        while self.pending and (len(self.pending) > self.max_pending or self.pending[0].done()):
+            self.pending.popleft().result()
 
     def finish(self) -> None:
-        """Commit every batch still waiting for its pictures; the first failure is raised."""
+        """Wait for every batch's commit; the first failure is raised."""
         while self.pending:
-            self._commit()
+            self.pending.popleft().result()
 
-    def _commit(self) -> None:
-        found, results, failures = self.pending.popleft()
+    def _commit(
+        self, found: list[Future], results: list[Explained], failures: list[tuple[str, str]]
+    ) -> None:
         for future in found:
             future.result()
         self.folder.write_batch(results, failures)

@@ -1,0 +1,128 @@
+"""What makes the explain job fast, checked for what it must keep: PNG files that decoders read
+back exactly, pictures drawn without torch on the writer threads, and batches committed off the
+engine's thread. No timings are asserted."""
+
+from __future__ import annotations
+
+import io
+import threading
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
+from torchvision.io import decode_png
+
+from cam_engine.io import png_bytes, save_png
+from cam_engine.pipeline import ExplainConfig, explain
+from cam_engine.pipeline.compute import Explained
+from cam_engine.pipeline.outputs import pictures
+from cam_engine.pipeline.parts import Parts
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 1), (1, 5), (37, 53)])
+def test_png_bytes_decode_to_the_same_pixels(shape):
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (*shape, 3), dtype=np.uint8)
+    data = png_bytes(pixels)
+    assert data.startswith(b"\x89PNG\r\n\x1a\n")
+    with Image.open(io.BytesIO(data)) as image:
+        image.load()  # checks every chunk's CRC
+        assert image.mode == "RGB" and image.size == shape[::-1]
+        assert np.array_equal(np.asarray(image), pixels)
+    decoded = decode_png(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+    assert torch.equal(decoded, torch.from_numpy(pixels).permute(2, 0, 1))
+
+
+def test_png_bytes_are_small_on_smooth_pictures():
+    # a horizontal ramp: the Sub filter makes every row a run of 1s, which RLE deflates
+    ramp = np.broadcast_to(np.arange(256, dtype=np.uint8)[None, :, None], (64, 256, 3)).copy()
+    raw = ramp.nbytes
+    assert len(png_bytes(ramp)) < raw / 50
+    with pytest.raises(ValueError, match=r"\(H, W, 3\) uint8"):
+        png_bytes(ramp[..., 0])
+
+
+def test_save_png_writes_other_pil_modes_through_pil(tmp_path):
+    grey = Image.fromarray(np.arange(48, dtype=np.uint8).reshape(6, 8), "L")
+    save_png(tmp_path / "g.png", grey)
+    with Image.open(tmp_path / "g.png") as image:
+        assert image.mode == "L" and np.array_equal(np.asarray(image), np.asarray(grey))
+
+
+class _Ops(TorchDispatchMode):
+    """Records every torch operation run while it is active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def _result(height: int = 600, width: int = 40) -> Explained:
+    generator = torch.Generator().manual_seed(0)
+    image = torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=generator)
+    overlays = torch.randint(0, 256, (2, 3, height, width), dtype=torch.uint8, generator=generator)
+    return Explained("a/b.jpg", [3, 1], ["x", "y"], [0.5, 0.25], (height, width), None, image,
+                     overlays)  # fmt: skip
+
+
+def test_pictures_are_drawn_without_torch():
+    """The writer threads iterate ``pictures``: no torch operation may run there (each would
+    start torch threads next to the engine's); the tensor work is done when it is called."""
+    result = _result()
+    drawn = pictures(result, {"png", "sheet"})
+    with _Ops() as seen:
+        found = list(drawn)
+    assert seen.ops == []
+    names = [name for name, _ in found]
+    assert names == ["overlays/a/b_jpg.3.png", "overlays/a/b_jpg.1.png", "sheets/a/b_jpg.png"]
+    # the overlays as they are, the sheet's tiles scaled to 512 px high (600 -> 512, 40 -> 34)
+    for (_, picture), overlay in zip(found, result.overlays, strict=False):
+        assert np.array_equal(np.asarray(picture), overlay.permute(1, 2, 0).numpy())
+    sheet = found[2][1]
+    assert sheet.height > 512 and sheet.width == 3 * (34 + 4) + 4
+
+
+def test_batches_are_committed_off_the_engines_thread(tmp_path, monkeypatch):
+    """A commit fsyncs its part file: the engine's thread must not wait for the disk. Commits
+    still happen in batch order, each after its pictures."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        pixels = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{i}.png")
+    events: list[tuple[str, str]] = []
+    lock = threading.Lock()
+    write_pictures, write_batch = Parts.write_pictures, Parts.write_batch
+
+    def pictures_spy(self, found):
+        found = list(found)
+        with lock:
+            events.extend(("picture", name.split("/")[1].split(".")[0]) for name, _ in found)
+        write_pictures(self, found)
+
+    def batch_spy(self, results, failures):
+        with lock:
+            events.append((threading.current_thread().name, ",".join(r.key for r in results)))
+        write_batch(self, results, failures)
+
+    monkeypatch.setattr(Parts, "write_pictures", pictures_spy)
+    monkeypatch.setattr(Parts, "write_batch", batch_spy)
+    config = ExplainConfig(
+        [folder], "tests/test_explain.py:tiny_net", out=tmp_path / "out", batch_size=2,
+        workers=0, input_size=16, target_layer="features", save="png",
+    )  # fmt: skip
+    assert explain(config).explained == 3
+    commits = [(i, e) for i, e in enumerate(events) if e[0] != "picture"]
+    assert [keys for _, (_, keys) in commits] == ["0.png,1.png", "2.png"]  # in batch order
+    assert all(thread.startswith("cam-engine-commit") for _, (thread, _) in commits)
+    for position, (_, keys) in commits:  # each after its pictures
+        stems = {key.replace(".", "_") for key in keys.split(",")}
+        drawn = {stem for kind, stem in events[:position] if kind == "picture"}
+        assert stems <= drawn
