@@ -40,15 +40,16 @@ SAVE_CHOICES = ("png", "sheet", "npz", "html")
 METHODS = (
     "ablationcam", "cam", "eigencam", "eigengradcam", "fem", "finercam", "fullgrad", "gradcam",
     "gradcam++", "gradcam-elementwise", "guided-backprop", "guided-gradcam", "hirescam", "iscam",
-    "kpca-cam", "layercam", "legrad", "randomcam", "refinecam", "scorecam", "sess", "shapleycam",
-    "smoothgradcam++", "sscam", "xgradcam",
+    "kpca-cam", "layercam", "legrad", "randomcam", "refinecam", "scorecam", "segeigencam", "sess",
+    "shapleycam", "smoothgradcam++", "sscam", "xgradcam",
 )  # fmt: skip
 #: :func:`cam_engine.postprocess.available_colormaps`
 COLORMAPS = ("gray", "inferno", "jet", "magma", "plasma", "turbo", "viridis")
 #: :func:`cam_engine.bench.backends.available`
 BENCH_BACKENDS = (
     "plain", "engine", "engine-nchw", "engine-compile", "reference", "pytorch-grad-cam",
-    "torchcam", "captum", "ort-plain", "ort-cam",
+    "torchcam", "captum", "ort-plain", "ort-cam", "ov-plain", "ov-cam", "ort-cam-top3",
+    "ort-cam-int8", "ort-cam-int8-dynamic",
 )  # fmt: skip
 #: the keys of :data:`cam_engine.bench.models.AUTOCAST`
 AUTOCAST = ("bf16", "fp16")
