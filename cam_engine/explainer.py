@@ -181,6 +181,14 @@ class LayerExplainer:
             "map); use method='gradcam'"
         )
 
+    def _layout(self) -> Reshape:
+        """The target map's layout: ``reshape`` when given, else ``"swin"`` where the head pools
+        the map as channels-last (what the head does beats a guess from the map's shape, which
+        cannot tell (B, h, w, C) from (B, C, h, w) when ``w`` and ``C`` fit the image's aspect),
+        else ``None`` (inferred)."""
+        gap = self.cam_model.gap_linear if self.reshape is None else None
+        return "swin" if gap is not None and gap.channels_last else self.reshape
+
     def __call__(self, x: Tensor, targets: Targets | Resolved) -> LayerMaps:
         """The maps of one batch ``x`` (B, C, *S) for ``targets``: :class:`LayerMaps`."""
         method, class_ids = self.method, is_class_ids(targets)
@@ -207,11 +215,11 @@ class LayerExplainer:
             with record_function(label):
                 grads = explained_gradients(record, resolved)
         with record_function("method"):
-            size = tuple(x.shape[2:])
+            size, reshape = tuple(x.shape[2:]), self._layout()
             with torch.no_grad():
-                activations = to_nchw(record.features.detach(), self.reshape, size)
+                activations = to_nchw(record.features.detach(), reshape, size)
                 if grads is not None:
-                    grads = gradients_to_nchw(grads, self.reshape, size)
+                    grads = gradients_to_nchw(grads, reshape, size)
             ctx = Context(
                 x=x,
                 activations=activations,
@@ -221,7 +229,7 @@ class LayerExplainer:
                 native=record.features.detach(),
                 options=self.options,
                 batch_size=self.batch_size,
-                reshape=self.reshape,
+                reshape=reshape,
                 split=_SplitAccess(self.cam_model, x),
                 closed_form=record.closed_form,
                 head_graph=record if method.needs_head_graph else None,
