@@ -93,6 +93,21 @@ class TimmHeadNet(nn.Module):
         return self.head(self.stem(x))
 
 
+class AtenHeadNet(nn.Module):
+    """The head ``torch.export`` gives HF MobileViT: ``aten.mean.dim`` over (-2, -1) ->
+    ``aten.dropout_`` (inactive) -> ``aten.linear``, here traced by torch.fx (no export's cost)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = _Stem()
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x: Tensor) -> Tensor:
+        aten = torch.ops.aten
+        x = aten.dropout_.default(aten.mean.dim(self.stem(x), [-2, -1]), 0.1, False)
+        return aten.linear.default(x, self.fc.weight, self.fc.bias)
+
+
 def _seeded(cls, *args, dtype=torch.float64):
     torch.manual_seed(0)
     return cls(*args).to(dtype).eval()
@@ -134,8 +149,16 @@ def assert_cam_is_closed_form(model, layer, x, nchw=lambda t: t, transform=None)
         (PermutePoolNet, (True,), _nhwc),
         (TimmHeadNet, (), None),
         (TimmHeadNet, (True,), None),
+        (AtenHeadNet, (), None),
     ],
-    ids=["nhwc-mean", "permute-module", "permute-method", "timm-linear-identity", "timm-conv"],
+    ids=[
+        "nhwc-mean",
+        "permute-module",
+        "permute-method",
+        "timm-linear-identity",
+        "timm-conv",
+        "aten-mean-dropout-linear",
+    ],
 )
 def test_cam_on_gap_linear_heads(cls, args, nchw):
     model, x = _seeded(cls, *args), images(2, 32)  # an 8x8 map of 16 channels
