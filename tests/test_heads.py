@@ -161,7 +161,8 @@ def assert_cam_is_closed_form(model, layer, x, nchw=lambda t: t, transform=None)
     ],
 )
 def test_cam_on_gap_linear_heads(cls, args, nchw):
-    model, x = _seeded(cls, *args), images(2, 32)  # an 8x8 map of 16 channels
+    # an 8x12 map of 16 channels: (B, 8, 12, 16) fits the image's aspect read either way
+    model, x = _seeded(cls, *args), images(2, (32, 48))
     layer = "norm" if nchw else "stem"
     assert_cam_is_closed_form(model, layer, x, nchw or (lambda t: t), nchw)
 
