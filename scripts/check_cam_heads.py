@@ -117,10 +117,29 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], str | None]] = {
 SIZE = 64
 
 
+def _calibrated(model: nn.Module) -> nn.Module:
+    """The model in eval mode with activations of order one, so that maps are not all zero.
+
+    Random-init BatchNorm statistics (0, 1) do not fit the activations, which vanish layer after
+    layer (HF MobileViT's last map is exactly zero); one train-mode batch sets them (as
+    tests/conftest.py's ``calibrate_bn``). A zero-initialised classifier gets random rows.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.reset_running_stats()
+            module.momentum = None
+        if isinstance(module, nn.Linear) and not module.weight.any():
+            nn.init.normal_(module.weight, std=0.02)
+    model.train()
+    with torch.no_grad():
+        model(torch.randn(8, 3, SIZE, SIZE))
+    return model.eval()
+
+
 def check(name: str, export: bool) -> str:
     factory, layer = MODELS[name]
     torch.manual_seed(0)
-    model = factory().eval()
+    model = _calibrated(factory())
     x = torch.randn(2, 3, SIZE, SIZE)
     engine = ce.CAMEngine(model, layer, "cam", input_size=(SIZE, SIZE))
     if engine.model.gap_linear is None:
