@@ -21,6 +21,7 @@ from torch.profiler import record_function
 
 from . import postprocess
 from .gradients import ForwardRecord, explained_gradients, forward_record
+from .heads import gap_linear_refusal
 from .layout import Reshape, gradients_to_nchw, to_nchw
 from .methods import Context, Method, MethodOptions
 from .model import CAMModel, select_output
@@ -174,11 +175,18 @@ class LayerExplainer:
 
     def no_gap_message(self) -> str:
         """Why ``method="cam"`` (a method that needs a GAP -> linear head) cannot run here."""
+        split = self.cam_model.current().split
+        reason = None if split is None else gap_linear_refusal(split.head)
+        why = (
+            "this model's is not (or dropout is active, or the pooling does not cover the whole "
+            "map)"
+            if reason is None
+            else f"this model's is not: {reason}"
+        )
         return (
             f"method {self.method.name!r} needs a head that is global average pooling -> "
-            f"(flatten / dropout) -> linear after {self.cam_model.target_layer!r}, and this "
-            "model's is not (or dropout is active, or the pooling does not cover the whole "
-            "map); use method='gradcam'"
+            f"(flatten / dropout) -> linear after {self.cam_model.target_layer!r}, and {why}; "
+            "use method='gradcam'"
         )
 
     def _layout(self) -> Reshape:

@@ -25,7 +25,14 @@ from torch import Tensor, nn
 from torchvision.models.convnext import LayerNorm2d
 from torchvision.ops.misc import Permute
 
-__all__ = ["GapLinear", "find_gap_linear", "HeadOp", "HeadChain", "read_head"]
+__all__ = [
+    "GapLinear",
+    "find_gap_linear",
+    "gap_linear_refusal",
+    "HeadOp",
+    "HeadChain",
+    "read_head",
+]
 
 
 @dataclass(frozen=True)
@@ -193,13 +200,26 @@ def find_gap_linear(head: fx.GraphModule) -> GapLinear | None:
     dropouts anywhere. A permute from channels-last to channels-first may come first (a mean over
     (h, w) of a channels-last map reads as one).
     """
-    chain = read_head(head)
+    found = _gap_linear(read_head(head))
+    return found if isinstance(found, GapLinear) else None
+
+
+def gap_linear_refusal(head: fx.GraphModule) -> str | None:
+    """Why :func:`find_gap_linear` finds no :class:`GapLinear` form in the head (the first op
+    that breaks it, in words), or ``None`` when it finds one."""
+    found = _gap_linear(read_head(head))
+    return None if isinstance(found, GapLinear) else found
+
+
+def _gap_linear(chain: HeadChain) -> GapLinear | str:
+    """The chain's :class:`GapLinear` form, else why not."""
     if chain.stop is not None:
-        return None
+        return chain.stop
     pool, weight, flat, dropouts = None, None, False, []
     channels_last = bool(chain.ops) and chain.ops[0].kind == "permute"
-    if channels_last and tuple(chain.ops[0].module.dims) != _TO_CHANNELS_FIRST:
-        return None
+    if channels_last and tuple(d % 4 for d in chain.ops[0].module.dims) != _TO_CHANNELS_FIRST:
+        dims = tuple(chain.ops[0].module.dims)
+        return f"{chain.ops[0].where} permutes to {dims}, not channels-last to channels-first"
     for op in chain.ops[1:] if channels_last else chain.ops:
         if op.kind == "pool" and pool is None and not flat and _global_average(op.module):
             pool, flat = op.module, op.flattens
@@ -212,9 +232,9 @@ def find_gap_linear(head: fx.GraphModule) -> GapLinear | None:
         elif op.kind == "dropout":
             dropouts += [op.module] if op.module is not None else []
         else:
-            return None
+            return f"{op.where} ({op.kind}) where the form allows none"
     if pool is None or weight is None:
-        return None
+        return "the head has no global average pool" if pool is None else "no linear layer"
     avg_pools = [pool] if isinstance(pool, nn.AvgPool2d) else []
     return GapLinear(weight, avg_pools, dropouts, channels_last)
 

@@ -193,11 +193,29 @@ class _SwappedPermuteNet(PermutePoolNet):
         return self.fc(self.flatten(self.avgpool(x)))
 
 
-def test_permute_that_does_not_bring_channels_first_is_refused():
-    model = _seeded(_SwappedPermuteNet)
-    with pytest.raises(ValueError, match="global average pooling"):
-        ce.CAMEngine(model, "norm", "cam", input_size=(64, 64))
-    assert ce.CAMEngine(model, "norm", input_size=(64, 64))(images(2, 64)).cams.shape[0] == 2
+class _PoolMLPNet(TimmHeadNet):
+    """pool -> flatten -> linear -> ReLU -> linear: not linear in the map."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Sequential(
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 5)
+        )
+
+
+@pytest.mark.parametrize(
+    ("cls", "layer", "why"),
+    [
+        (_SwappedPermuteNet, "norm", r"'permute' .* permutes to \(0, 1, 3, 2\), not channels-last"),
+        (_PoolMLPNet, "stem", r"ReLU module 'head.3' \(activation\) where the form allows none"),
+    ],
+    ids=["permute", "mlp"],
+)
+def test_heads_that_are_not_gap_linear_are_refused_with_the_op(cls, layer, why):
+    model = _seeded(cls)
+    with pytest.raises(ValueError, match="global average pooling.*this model's is not: .*" + why):
+        ce.CAMEngine(model, layer, "cam", input_size=(64, 64))
+    assert ce.CAMEngine(model, layer, input_size=(64, 64))(images(2, 64)).cams.shape[0] == 2
 
 
 # --- timm Swin and a Hugging Face ResNet (torch.export split) -----------------------------------
