@@ -189,12 +189,13 @@ class LayerExplainer:
             "use method='gradcam'"
         )
 
-    def _layout(self) -> Reshape:
-        """The target map's layout: ``reshape`` when given, else ``"swin"`` where the head pools
-        the map as channels-last (what the head does beats a guess from the map's shape, which
-        cannot tell (B, h, w, C) from (B, C, h, w) when ``w`` and ``C`` fit the image's aspect),
-        else ``None`` (inferred)."""
-        gap = self.cam_model.gap_linear if self.reshape is None else None
+    def _layout(self, x: Tensor) -> Reshape:
+        """The target map's layout for images ``x``: ``reshape`` when given, else ``"swin"``
+        where the head pools the map as channels-last (what the head does beats a guess from the
+        map's shape, which cannot tell (B, h, w, C) from (B, C, h, w) when ``w`` and ``C`` fit
+        the image's aspect), else ``None`` (inferred)."""
+        # current(x): the split this forward ran (a torch.export split is per input shape)
+        gap = self.cam_model.current(x).gap if self.reshape is None else None
         return "swin" if gap is not None and gap.channels_last else self.reshape
 
     def __call__(self, x: Tensor, targets: Targets | Resolved) -> LayerMaps:
@@ -223,7 +224,7 @@ class LayerExplainer:
             with record_function(label):
                 grads = explained_gradients(record, resolved)
         with record_function("method"):
-            size, reshape = tuple(x.shape[2:]), self._layout()
+            size, reshape = tuple(x.shape[2:]), self._layout(x)
             with torch.no_grad():
                 activations = to_nchw(record.features.detach(), reshape, size)
                 if grads is not None:

@@ -234,7 +234,7 @@ def _gap_linear(chain: HeadChain) -> GapLinear | str:
         else:
             return f"{op.where} ({op.kind}) where the form allows none"
     if pool is None or weight is None:
-        return "the head has no global average pool" if pool is None else "no linear layer"
+        return f"the head has no {'global average pool' if pool is None else 'linear layer'}"
     avg_pools = [pool] if isinstance(pool, nn.AvgPool2d) else []
     return GapLinear(weight, avg_pools, dropouts, channels_last)
 
