@@ -22,6 +22,7 @@ from torch.profiler import record_function
 
 from . import postprocess
 from .gradients import ForwardRecord, explained_gradients, forward_record
+from .heads import gap_linear_refusal
 from .layout import Reshape, gradients_to_nchw, to_nchw
 from .methods import Context, Method, MethodOptions
 from .model import CAMModel, select_output
@@ -224,12 +225,28 @@ class LayerExplainer:
 
     def no_gap_message(self) -> str:
         """Why ``method="cam"`` (a method that needs a GAP -> linear head) cannot run here."""
+        split = self.cam_model.current().split
+        reason = None if split is None else gap_linear_refusal(split.head)
+        why = (
+            "this model's is not (or dropout is active, or the pooling does not cover the whole "
+            "map)"
+            if reason is None
+            else f"this model's is not: {reason}"
+        )
         return (
             f"method {self.method.name!r} needs a head that is global average pooling -> "
-            f"(flatten / dropout) -> linear after {self.cam_model.target_layer!r}, and this "
-            "model's is not (or dropout is active, or the pooling does not cover the whole "
-            "map); use method='gradcam'"
+            f"(flatten / dropout) -> linear after {self.cam_model.target_layer!r}, and {why}; "
+            "use method='gradcam'"
         )
+
+    def _layout(self, x: Tensor) -> Reshape:
+        """The target map's layout for images ``x``: ``reshape`` when given, else ``"swin"``
+        where the head pools the map as channels-last (what the head does beats a guess from the
+        map's shape, which cannot tell (B, h, w, C) from (B, C, h, w) when ``w`` and ``C`` fit
+        the image's aspect), else ``None`` (inferred)."""
+        # current(x): the split this forward ran (a torch.export split is per input shape)
+        gap = self.cam_model.current(x).gap if self.reshape is None else None
+        return "swin" if gap is not None and gap.channels_last else self.reshape
 
     def __call__(self, x: Tensor, targets: Targets | Resolved) -> LayerMaps:
         """The maps of one batch ``x`` (B, C, *S) for ``targets``: :class:`LayerMaps`."""
@@ -257,11 +274,11 @@ class LayerExplainer:
             with record_function(label):
                 grads = explained_gradients(record, resolved)
         with record_function("method"):
-            size = tuple(x.shape[2:])
+            size, reshape = tuple(x.shape[2:]), self._layout(x)
             with torch.no_grad():
-                activations = to_nchw(record.features.detach(), self.reshape, size)
+                activations = to_nchw(record.features.detach(), reshape, size)
                 if grads is not None:
-                    grads = gradients_to_nchw(grads, self.reshape, size)
+                    grads = gradients_to_nchw(grads, reshape, size)
             ctx = Context(
                 x=x,
                 activations=activations,
@@ -271,7 +288,7 @@ class LayerExplainer:
                 native=record.features.detach(),
                 options=self.options,
                 batch_size=self.batch_size,
-                reshape=self.reshape,
+                reshape=reshape,
                 split=_SplitAccess(self.cam_model, x),
                 closed_form=record.closed_form,
                 head_graph=record if method.needs_head_graph else None,

@@ -6,7 +6,8 @@ op it recognises (:class:`HeadOp`); two readers interpret the description:
 - :func:`find_gap_linear`, for the engine: a global-average-pool -> linear head, where dScore/dA
   is known in closed form. For ``logits = W @ mean_hw(A) + b`` the gradient of class ``c``'s
   score is ``W[c] / (h*w)`` at every position, so CAM and Grad-CAM need no backward pass: one
-  einsum of FC rows with ``A``;
+  einsum of FC rows with ``A``. ``A`` may be channels-last (B, h, w, C): Swin's heads pool it
+  with a mean over (h, w) or permute it first;
 - :func:`cam_engine.export.find_pool_mlp`, for the export: a pool -> flatten -> MLP head, whose
   backward the exported graph writes out.
 """
@@ -22,8 +23,16 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.convnext import LayerNorm2d
+from torchvision.ops.misc import Permute
 
-__all__ = ["GapLinear", "find_gap_linear", "HeadOp", "HeadChain", "read_head"]
+__all__ = [
+    "GapLinear",
+    "find_gap_linear",
+    "gap_linear_refusal",
+    "HeadOp",
+    "HeadChain",
+    "read_head",
+]
 
 
 @dataclass(frozen=True)
@@ -35,8 +44,11 @@ class HeadOp:
 
             - ``"pool"``: ``module`` is the pooling (``MaxPool2d``, ``AvgPool2d``,
               ``AdaptiveAvgPool2d``, ``AdaptiveMaxPool2d``, ``AdaptiveAvgPool3d``; a functional
-              ``adaptive_avg_pool2d`` / ``3d`` or a mean over (h, w) as an
-              ``AdaptiveAvgPool2d``);
+              or ``torch.export`` (aten) ``adaptive_avg_pool2d`` / ``3d`` or a mean over (h, w)
+              as an ``AdaptiveAvgPool2d``; a mean over dims (1, 2) of a channels-last map is
+              read as a ``"permute"`` to (0, 3, 1, 2) and this pool);
+            - ``"permute"``: ``module`` is a torchvision ``Permute`` of the dimensions (a
+              ``Permute`` module, ``Tensor.permute`` or ``torch.permute``);
             - ``"conv1x1"``: ``module`` is an ``nn.Conv2d`` / ``nn.Conv3d`` with a kernel of ones,
               stride 1, no padding and one group: a linear map of the channels at every
               position;
@@ -59,6 +71,7 @@ class HeadOp:
 
     kind: Literal[
         "pool",
+        "permute",
         "conv1x1",
         "channel-norm",
         "flatten",
@@ -118,44 +131,57 @@ def read_head(head: fx.GraphModule) -> HeadChain:
         if read is None:
             stop = f"unsupported op in the head: {_describe(following[0], modules)}"
             return HeadChain(tuple(ops), stop, tuple(side_outputs))
-        op, node = read
-        ops.append(op)
+        read_ops, node = read
+        ops.extend(read_ops)
 
 
 @dataclass
 class GapLinear:
     """A head ``features -> global average pool -> [flatten | dropout]* -> linear`` of a map of
     any rank (B, C, *s), or with a 1x1 convolution in place of the linear layer, before or after
-    the pool: ``W @ mean_s(A)`` either way.
+    the pool: ``W @ mean_s(A)`` either way. Or of a channels-last map (B, h, w, C) pooled by a
+    mean over (h, w), or permuted to (B, C, h, w) first (Swin).
 
     Attributes:
         weight: (N, C) rows of the linear layer (of the 1x1 convolution's kernel).
         avg_pools: ``AvgPool2d`` modules of the head; global only if their kernel covers the map.
         dropouts: dropout modules of the head; the head is affine only while they are inactive.
+        channels_last: the map is (B, h, w, C); the gradients are laid out the same way.
     """
 
     weight: Tensor
     avg_pools: list[nn.AvgPool2d] = field(default_factory=list)
     dropouts: list[nn.Module] = field(default_factory=list)
+    channels_last: bool = False
 
     def applies(self, features: Tensor) -> bool:
-        """Whether the closed form is exact for this (B, C, h, w) map in the current mode."""
-        size = tuple(features.shape[-2:])
+        """Whether the closed form is exact for this map (B, C, *s), or (B, h, w, C) when
+        :attr:`channels_last`, in the current mode."""
+        if self.channels_last and features.ndim != 4:
+            return False  # the head's permute / mean dims were read for 4-d maps
+        size = tuple(self._spatial(features)[-2:])
         pools_global = all(
             _pair(p.kernel_size) == size and _pair(p.padding) == (0, 0) for p in self.avg_pools
         )
         return pools_global and not any(d.training and d.p > 0 for d in self.dropouts)
 
     def gradients(self, classes: Tensor, features: Tensor) -> Tensor:
-        """dScore/dA of each class: (B, K, C, h, w), a broadcast view (no memory per position).
+        """dScore/dA of each class in the map's layout: (B, K, C, *s), or (B, K, h, w, C) when
+        :attr:`channels_last`; a broadcast view (no memory per position).
 
         Args:
             classes: (B, K) class ids.
-            features: (B, C, h, w) target map (only its shape is used).
+            features: (B, C, *s) or (B, h, w, C) target map (only its shape is used).
         """
-        spatial = features.shape[2:]
+        spatial = self._spatial(features)
         rows = self.weight.detach()[classes].to(features.dtype) / spatial.numel()
+        if self.channels_last:
+            rows = rows[:, :, None, None]
+            return rows.expand(*rows.shape[:2], *spatial, rows.shape[-1])
         return rows[(...,) + (None,) * len(spatial)].expand(*rows.shape, *spatial)
+
+    def _spatial(self, features: Tensor) -> torch.Size:
+        return features.shape[1:-1] if self.channels_last else features.shape[2:]
 
 
 def _global_average(module: nn.Module | None) -> bool:
@@ -171,13 +197,30 @@ def find_gap_linear(head: fx.GraphModule) -> GapLinear | None:
 
     One global average pool and one linear map of the channels: an ``nn.Linear`` after the pool
     and a flatten, or a 1x1 convolution before or after the pool; flattens (after the pool) and
-    dropouts anywhere.
+    dropouts anywhere. A permute from channels-last to channels-first may come first (a mean over
+    (h, w) of a channels-last map reads as one).
     """
-    chain = read_head(head)
+    found = _gap_linear(read_head(head))
+    return found if isinstance(found, GapLinear) else None
+
+
+def gap_linear_refusal(head: fx.GraphModule) -> str | None:
+    """Why :func:`find_gap_linear` finds no :class:`GapLinear` form in the head (the first op
+    that breaks it, in words), or ``None`` when it finds one."""
+    found = _gap_linear(read_head(head))
+    return None if isinstance(found, GapLinear) else found
+
+
+def _gap_linear(chain: HeadChain) -> GapLinear | str:
+    """The chain's :class:`GapLinear` form, else why not."""
     if chain.stop is not None:
-        return None
+        return chain.stop
     pool, weight, flat, dropouts = None, None, False, []
-    for op in chain.ops:
+    channels_last = bool(chain.ops) and chain.ops[0].kind == "permute"
+    if channels_last and tuple(d % 4 for d in chain.ops[0].module.dims) != _TO_CHANNELS_FIRST:
+        dims = tuple(chain.ops[0].module.dims)
+        return f"{chain.ops[0].where} permutes to {dims}, not channels-last to channels-first"
+    for op in chain.ops[1:] if channels_last else chain.ops:
         if op.kind == "pool" and pool is None and not flat and _global_average(op.module):
             pool, flat = op.module, op.flattens
         elif op.kind == "conv1x1" and weight is None and not flat:
@@ -189,10 +232,11 @@ def find_gap_linear(head: fx.GraphModule) -> GapLinear | None:
         elif op.kind == "dropout":
             dropouts += [op.module] if op.module is not None else []
         else:
-            return None
+            return f"{op.where} ({op.kind}) where the form allows none"
     if pool is None or weight is None:
-        return None
-    return GapLinear(weight, [pool] if isinstance(pool, nn.AvgPool2d) else [], dropouts)
+        return f"the head has no {'global average pool' if pool is None else 'linear layer'}"
+    avg_pools = [pool] if isinstance(pool, nn.AvgPool2d) else []
+    return GapLinear(weight, avg_pools, dropouts, channels_last)
 
 
 # One op ------------------------------------------------------------------------------------------
@@ -200,13 +244,19 @@ def find_gap_linear(head: fx.GraphModule) -> GapLinear | None:
 
 def _read_op(
     node: fx.Node, head: fx.GraphModule, modules: dict[str, nn.Module]
-) -> tuple[HeadOp, fx.Node] | None:
-    """The op starting at ``node`` and its last node (a traced channel norm spans three)."""
+) -> tuple[tuple[HeadOp, ...], fx.Node] | None:
+    """The ops starting at ``node`` and the last node read (a traced channel norm spans three
+    nodes; a channels-last mean is two ops)."""
     if (channel_norm := _channel_norm(node, head, modules)) is not None:
-        return channel_norm
-    for read in (_pool, _conv1x1, _flatten, _dropout, _linear, _layer_norm, _activation):
+        op, end = channel_norm
+        return (op,), end
+    if (ops := _channels_last_mean(node, modules)) is not None:
+        return ops, node
+    for read in (
+        _pool, _permute, _conv1x1, _flatten, _dropout, _linear, _layer_norm, _activation
+    ):  # fmt: skip
         if (op := read(node, head, modules)) is not None:
-            return op, node
+            return (op,), node
     return None
 
 
@@ -214,8 +264,17 @@ def _pair(value: int | tuple[int, ...]) -> tuple[int, ...]:
     return tuple(value) if isinstance(value, tuple | list) else (value, value)
 
 
+_TO_CHANNELS_FIRST = (0, 3, 1, 2)
+
+
 def _name(node: fx.Node) -> str:
-    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    """The op's name: a method's, a function's, or an aten op's without its overload
+    (``torch.export`` graphs call ``aten.mean.dim``)."""
+    if isinstance(node.target, str):
+        return node.target
+    if isinstance(node.target, torch._ops.OpOverload):
+        return node.target.overloadpacket.__name__
+    return getattr(node.target, "__name__", "")
 
 
 def _arg(node: fx.Node, index: int, key: str, default=None):
@@ -269,13 +328,40 @@ def _pool(node: fx.Node, head: fx.GraphModule, modules: dict[str, nn.Module]) ->
         sizes = size if isinstance(size, tuple | list) else (size,)
         if all(s is None or isinstance(s, int) for s in sizes):
             return HeadOp("pool", pools[name](size), where)
-    if name == "mean" and node.op in ("call_method", "call_function"):
-        dims = _arg(node, 1, "dim")
-        dims = (dims,) if isinstance(dims, int) else tuple(dims or ())
+    if (dims := _mean_dims(node)) is not None:
         if all(isinstance(d, int) for d in dims) and sorted(d % 4 for d in dims) == [2, 3]:
             keep = bool(_arg(node, 2, "keepdim", False))
             return HeadOp("pool", nn.AdaptiveAvgPool2d(1), where, flattens=not keep)
     return None
+
+
+def _mean_dims(node: fx.Node) -> tuple | None:
+    """The dims a ``mean`` node averages over (a method, ``torch.mean`` or aten), else None."""
+    if _name(node) != "mean" or node.op not in ("call_method", "call_function"):
+        return None
+    dims = _arg(node, 1, "dim")
+    return (dims,) if isinstance(dims, int) else tuple(dims or ())
+
+
+def _channels_last_mean(
+    node: fx.Node, modules: dict[str, nn.Module]
+) -> tuple[HeadOp, HeadOp] | None:
+    """A mean over dims (1, 2) of a (B, h, w, C) map to (B, C) (timm's pooling of NHWC maps),
+    as a permute to channels-first and a flattening global average pool; else None."""
+    if _mean_dims(node) != (1, 2) or _arg(node, 2, "keepdim", False):
+        return None
+    where = _describe(node, modules)
+    permute = HeadOp("permute", Permute(list(_TO_CHANNELS_FIRST)), where)
+    return permute, HeadOp("pool", nn.AdaptiveAvgPool2d(1), where, flattens=True)
+
+
+def _permute(node: fx.Node, head: fx.GraphModule, modules: dict[str, nn.Module]) -> HeadOp | None:
+    where = _describe(node, modules)
+    if node.op == "call_module":
+        module = modules[node.target]
+        return HeadOp("permute", module, where) if isinstance(module, Permute) else None
+    dims = _permute_dims(node)
+    return None if dims is None else HeadOp("permute", Permute(list(dims)), where)
 
 
 def _conv1x1(node: fx.Node, head: fx.GraphModule, modules: dict[str, nn.Module]) -> HeadOp | None:
@@ -299,7 +385,7 @@ def _flatten(node: fx.Node, head: fx.GraphModule, modules: dict[str, nn.Module])
     name = _name(node)
     if name == "flatten":
         return op if _arg(node, 1, "start_dim", 0) == 1 else None
-    if name in ("view", "reshape") and node.op == "call_method":
+    if name in ("view", "reshape"):
         shape = node.args[1:]
         shape = shape[0] if len(shape) == 1 and isinstance(shape[0], tuple | list) else shape
         return op if len(shape) == 2 and shape[1] == -1 else None
@@ -313,7 +399,9 @@ def _dropout(node: fx.Node, head: fx.GraphModule, modules: dict[str, nn.Module])
         if isinstance(module, nn.Identity):
             return HeadOp("dropout", None, where)
         return HeadOp("dropout", module, where) if isinstance(module, nn.Dropout) else None
-    if node.target is F.dropout and not _arg(node, 2, "training", True):
+    # aten.dropout(input, p, train): the same positions as F.dropout's
+    functional = (F.dropout, torch.ops.aten.dropout.default, torch.ops.aten.dropout_.default)
+    if node.target in functional and not _arg(node, 2, "training", True):
         return HeadOp("dropout", None, where)
     return None
 
@@ -323,7 +411,8 @@ def _linear(node: fx.Node, head: fx.GraphModule, modules: dict[str, nn.Module]) 
     if node.op == "call_module":
         module = modules[node.target]
         return HeadOp("linear", module, where) if isinstance(module, nn.Linear) else None
-    if node.op != "call_function" or node.target not in (F.linear, torch._C._nn.linear):
+    linears = (F.linear, torch._C._nn.linear, torch.ops.aten.linear.default)
+    if node.op != "call_function" or node.target not in linears:
         return None
     weight = _parameter(head, _arg(node, 1, "weight"))
     bias_node = _arg(node, 2, "bias")
@@ -384,16 +473,19 @@ def _only_user(node: fx.Node) -> fx.Node | None:
     return users[0] if len(users) == 1 else None
 
 
-def _permutes(node: fx.Node | None, dims: tuple[int, ...]) -> bool:
-    """Whether ``node`` permutes the dimensions of a 4-d tensor into the order ``dims``."""
-    if node is None:
-        return False
-    method = node.op == "call_method" and node.target == "permute"
-    if not (method or (node.op == "call_function" and node.target is torch.permute)):
-        return False
+def _permute_dims(node: fx.Node) -> tuple[int, ...] | None:
+    """The order a permute node (method, ``torch.permute`` or aten) puts a 4-d tensor's
+    dimensions in, else None."""
+    if _name(node) != "permute" or node.op not in ("call_method", "call_function"):
+        return None
     order = node.kwargs.get("dims", node.args[1:])
     order = order[0] if len(order) == 1 and isinstance(order[0], tuple | list) else order
-    return all(isinstance(d, int) for d in order) and tuple(d % 4 for d in order) == dims
+    return tuple(d % 4 for d in order) if all(isinstance(d, int) for d in order) else None
+
+
+def _permutes(node: fx.Node | None, dims: tuple[int, ...]) -> bool:
+    """Whether ``node`` permutes the dimensions of a 4-d tensor into the order ``dims``."""
+    return node is not None and _permute_dims(node) == dims
 
 
 def _channel_norm(

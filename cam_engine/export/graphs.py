@@ -4,9 +4,11 @@ Each graph is an ``nn.Module`` ``forward(x[, classes]) -> (logits, classes, maps
 plain tensor ops only (no autograd, no hooks), so both ONNX exporters turn it into a static
 graph that stays exact at every batch size and, where the ops allow, every input size:
 
-- :class:`GapCAM`: a global-average-pool -> linear head. dScore/dA is ``W[c] / (h*w)``, so the
-  FC rows of the chosen classes are gathered and contracted with ``A`` (CAM and Grad-CAM differ
-  only by that ``1 / (h*w)``, which min-max normalisation removes);
+- :class:`GapCAM`: a global-average-pool -> linear head (channels-first or channels-last ``A``,
+  a linear layer or a 1x1 convolution; as :func:`cam_engine.heads.find_gap_linear` reads it).
+  dScore/dA is ``W[c] / (h*w)``, so the FC rows of the chosen classes are gathered and
+  contracted with ``A`` (CAM and Grad-CAM differ only by that ``1 / (h*w)``, which min-max
+  normalisation removes);
 - :class:`PoolMLPGradCAM`: pooling -> flatten -> MLP heads (VGG, MobileNetV3, ConvNeXt's
   ``LayerNorm2d`` on the 1x1 pooled map). Grad-CAM needs only the spatial sum of dScore/dA, and
   pooling passes gradient sums through unchanged, so the backward runs through the MLP only,
@@ -141,6 +143,7 @@ class GapCAM(_CAMGraph):
         self.clone_features = built.head_inplace
         self.output = model.output
         self.per_position = method == "gradcam"
+        self.channels_last = built.gap.channels_last
         self.register_buffer("weight", weight.clone())
 
     def maps(self, x: Tensor, classes: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
@@ -151,6 +154,8 @@ class GapCAM(_CAMGraph):
             classes = _top_classes(logits, self.topk)
         # float32 contraction: an fp16 sum over C channels would lose the small maps
         rows = self.weight[classes].float()
+        if self.channels_last:  # the layout the head pools, read by heads.find_gap_linear
+            features = features.permute(0, 3, 1, 2)
         if self.per_position:
             rows = rows / (features.shape[-2] * features.shape[-1])
         cams = torch.einsum("bkc,bchw->bkhw", rows, features.float()).relu()
