@@ -16,6 +16,10 @@ Three ways to build the split, tried in order:
 3. ``"hook"``: a forward hook on the target module replaces its output by a leaf that requires
    grad and switches autograd on for the rest of the forward; no backward hooks.
 
+A graph that traces but cannot be split (its shape propagation fails) gives way to the next
+tracer (:mod:`cam_engine.model` drives the order). A ``torch.export`` head rebuilds the model's
+output structure (a Hugging Face ``ModelOutput``) from its flat outputs.
+
 Tracing is serialised by :data:`TRACE_LOCK` and leaves other threads' plain ``model(x)`` calls
 alone (see :func:`tracing`); a ``HookCapture`` may run in several threads at once.
 """
