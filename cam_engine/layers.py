@@ -63,11 +63,17 @@ def map_fits(shape: Sequence[int], image_size: tuple[int, int]) -> bool:
             for h, w in (shape[2:4], shape[1:3])
         )
     if len(shape) == 3:
-        return any(
-            token_grid(shape[1] - prefix, image_size) is not None
-            for prefix in range(min(_MAX_PREFIX + 1, shape[1] - 3))
-        )
+        # (B, C, T) before a 1-D pooling (HF Swin / FocalNet) is no token map: its T lays out
+        # with fewer prefix tokens than its C
+        tokens, channels = _prefix(shape[1], image_size), _prefix(shape[2], image_size)
+        return tokens is not None and (channels is None or tokens <= channels)
     return False
+
+
+def _prefix(tokens: int, image_size: tuple[int, int]) -> int | None:
+    """The fewest prefix tokens (<= 8) leaving a grid of the image's aspect, or ``None``."""
+    prefixes = range(min(_MAX_PREFIX + 1, tokens - 3))
+    return next((p for p in prefixes if token_grid(tokens - p, image_size) is not None), None)
 
 
 def _is_adaptive_pool(node: fx.Node, modules: dict[str, nn.Module]) -> bool:

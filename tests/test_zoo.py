@@ -204,3 +204,18 @@ def test_a_map_whose_grid_misfits_the_image_warns():
         warnings.simplefilter("error")
         ce.CAMEngine(model, "0", input_size=(8, 8))(x)
         assert ce.CAMEngine(model, None, input_size=(8, 8)).target_layer == "0"
+
+
+@pytest.mark.parametrize(
+    ("shape", "fits"),
+    [
+        ((2, 17, 192), True),  # ViT tokens: a class token and 4x4 patches
+        ((2, 64, 32), True),  # 8x8 tokens, 32 channels
+        ((2, 32, 64), False),  # the same transposed for a 1-D pooling (HF Swin / FocalNet)
+        ((2, 3, 17, 64), False),  # (B, heads, T, d) inside attention
+        ((2, 8, 2, 2), True),
+        ((2, 2, 2, 8), True),  # channels last
+    ],
+)
+def test_which_maps_fit_a_64_px_image(shape, fits):
+    assert ce.layers.map_fits(shape, (64, 64)) is fits
