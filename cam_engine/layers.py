@@ -64,9 +64,9 @@ def map_fits(shape: Sequence[int], image_size: tuple[int, int]) -> bool:
         )
     if len(shape) == 3:
         # (B, C, T) before a 1-D pooling (HF Swin / FocalNet) is no token map: its T lays out
-        # with fewer prefix tokens than its C
+        # with fewer prefix tokens than its C (a class token alone is always a token map)
         tokens, channels = _prefix(shape[1], image_size), _prefix(shape[2], image_size)
-        return tokens is not None and (channels is None or tokens <= channels)
+        return tokens is not None and (tokens <= 1 or channels is None or tokens <= channels)
     return False
 
 

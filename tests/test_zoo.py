@@ -210,6 +210,7 @@ def test_a_map_whose_grid_misfits_the_image_warns():
     ("shape", "fits"),
     [
         ((2, 17, 192), True),  # ViT tokens: a class token and 4x4 patches
+        ((2, 17, 64), True),  # the same, though 64 channels would make an 8x8 grid
         ((2, 64, 32), True),  # 8x8 tokens, 32 channels
         ((2, 32, 64), False),  # the same transposed for a 1-D pooling (HF Swin / FocalNet)
         ((2, 3, 17, 64), False),  # (B, heads, T, d) inside attention
