@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from . import compose, methods
 from .explainer import CAMResult, LayerExplainer, LayerMaps, check_images, finish
+from .layers import layer_name
 from .layout import Reshape, check_reshape
 from .methods import MethodOptions
 from .model import CAMModel, CompileOptions, OutputSelector
@@ -28,8 +29,9 @@ class CAMEngine:
 
     Args:
         model: a classifier, or a :class:`CAMModel` from :func:`cam_engine.wrap`.
-        target_layer: module or FX node name; ``None`` picks a default (see
-            :attr:`target_layer` for the choice); a list of names fuses the per-layer heatmaps.
+        target_layer: module or FX node name, or a module of ``model`` (named by identity);
+            ``None`` picks a default (see :attr:`target_layer` for the choice); a list of them
+            fuses the per-layer heatmaps.
         method: one of :func:`cam_engine.methods.available`.
         reshape: layout of the target map: ``None`` (inferred), ``"vit"``, ``"swin"``,
             ``"none"`` or a callable returning (B, C, h, w).
@@ -64,7 +66,7 @@ class CAMEngine:
     def __init__(
         self,
         model: nn.Module,
-        target_layer: str | Sequence[str] | None = None,
+        target_layer: str | nn.Module | Sequence[str | nn.Module] | None = None,
         method: str = "gradcam",
         *,
         reshape: Reshape = None,
@@ -99,6 +101,7 @@ class CAMEngine:
             raise ValueError(f"aug_smooth is not defined for {method!r}")
         check_reshape(reshape)
         if isinstance(model, CAMModel):
+            layers = [layer_name(model.model, layer) for layer in layers]
             if len(layers) > 1 or layers[0] not in (None, model.target_layer):
                 raise ValueError(
                     f"the wrapped model is split at {model.target_layer!r}, not {target_layer!r}"

@@ -16,6 +16,10 @@ Three ways to build the split, tried in order:
 3. ``"hook"``: a forward hook on the target module replaces its output by a leaf that requires
    grad and switches autograd on for the rest of the forward; no backward hooks.
 
+A graph that traces but cannot be split (its shape propagation fails) gives way to the next
+tracer (:mod:`cam_engine.model` drives the order). A ``torch.export`` head rebuilds the model's
+output structure (a Hugging Face ``ModelOutput``) from its flat outputs.
+
 Tracing is serialised by :data:`TRACE_LOCK` and leaves other threads' plain ``model(x)`` calls
 alone (see :func:`tracing`); a ``HookCapture`` may run in several threads at once.
 """
@@ -39,6 +43,8 @@ import torch.fx as fx
 import torchvision
 from torch import Tensor, nn
 from torch.fx import _symbolic_trace
+from torch.fx.graph import _PyTreeCodeGen, _PyTreeInfo
+from torch.utils import _pytree as pytree
 from torchvision.models.feature_extraction import NodePathTracer
 
 from .layers import unknown_layer_error
@@ -93,7 +99,8 @@ def tracing() -> Iterator[None]:
 
 class _ModuleOutputTracer(NodePathTracer):
     """torchvision's ``NodePathTracer`` that also records the output node of every module call
-    and traces into the leaf modules (torchvision's op blocks) that hold the module ``inside``."""
+    and each node's ``meta["nn_module_stack"]``, and traces into the leaf modules (torchvision's
+    op blocks) that hold the module ``inside``."""
 
     def __init__(self, inside: str | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
@@ -110,9 +117,16 @@ class _ModuleOutputTracer(NodePathTracer):
         return super().is_leaf_module(m, module_qualname)
 
     def call_module(self, m: nn.Module, forward: Callable, args: tuple, kwargs: dict) -> Any:
-        out = super().call_module(m, forward, args, kwargs)
         name = self.path_of_module(m)
-        self.module_calls[name] = self.module_calls.get(name, 0) + 1
+        calls = self.module_calls[name] = self.module_calls.get(name, 0) + 1
+        # the modules each node is computed in, as fx's own tracer records them (torchvision's
+        # call_module does not): the default layer skips what attention modules compute
+        key = f"{name}@{calls}"
+        self.module_stack[key] = (name, type(m))
+        try:
+            out = super().call_module(m, forward, args, kwargs)
+        finally:
+            self.module_stack.pop(key, None)
         if isinstance(out, fx.Proxy):
             self.module_outputs[name] = out.node
         return out
@@ -247,34 +261,66 @@ def _trace_export(model: nn.Module, example: Tensor) -> Graph:
     return Graph(gm, "export", names, module_names)
 
 
+#: the tracers :func:`trace` tries, in order
+TRACERS = ("fx", "export")
+
+
+@contextlib.contextmanager
+def _model_state_kept(model: nn.Module) -> Iterator[None]:
+    """Put back the contents of the modules' own dicts after tracing.
+
+    Modules that memoise a value on their first forward (timm LeViT / EfficientFormer's
+    ``attention_bias_cache``) would otherwise keep the tracer's proxy or fake tensor: the next
+    trace or the user's next ``model(x)`` then reads a value of a graph that no longer exists.
+    """
+    saved = [
+        (table, dict(table))
+        for module in model.modules()
+        for name, table in vars(module).items()
+        if not name.startswith("_") and isinstance(table, dict)
+    ]
+    try:
+        yield
+    finally:
+        for table, contents in saved:
+            table.clear()
+            table.update(contents)
+
+
 def trace(
-    model: nn.Module, example: Tensor | None = None, inside: str | None = None
+    model: nn.Module,
+    example: Tensor | None = None,
+    inside: str | None = None,
+    tracers: Iterable[str] = TRACERS,
 ) -> tuple[Graph | None, list[str]]:
-    """Trace ``model`` with FX, else with ``torch.export`` (which needs ``example``).
+    """Trace ``model`` with the first of ``tracers`` that succeeds: ``"fx"``, ``"export"``
+    (which needs ``example``).
 
     FX keeps torchvision's op blocks (``Conv2dNormActivation``, ``MLP``, ...) whole, except
     those holding the module named ``inside`` (a requested target layer), which it traces into.
 
     Runs inside :func:`tracing`: one trace at a time in the process, and other threads may keep
-    calling ``model`` meanwhile.
+    calling ``model`` meanwhile. The model is left as it was (see :func:`_model_state_kept`).
 
     Returns:
-        the graph (``None`` when neither tracer succeeds) and one line per failed attempt.
+        the graph (``None`` when no tracer succeeds) and one line per failed attempt.
     """
     failures = []
-    with tracing():
-        try:
-            return _trace_fx(model, inside), failures
-        except Exception as exc:  # any tracing error means "use the next strategy"
-            failures.append(f"torch.fx: {type(exc).__name__}: {first_line(exc)}")
-        if example is not None:
-            try:
-                # a failed export prints its partial graph to stderr; the fallback is expected
-                with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
-                    warnings.simplefilter("ignore")
-                    return _trace_export(model, example), failures
-            except Exception as exc:
-                failures.append(f"torch.export: {type(exc).__name__}: {first_line(exc)}")
+    with tracing(), _model_state_kept(model):
+        for tracer in tracers:
+            if tracer == "fx":
+                try:
+                    return _trace_fx(model, inside), failures
+                except Exception as exc:  # any tracing error means "use the next strategy"
+                    failures.append(f"torch.fx: {type(exc).__name__}: {first_line(exc)}")
+            elif tracer == "export" and example is not None:
+                try:
+                    # a failed export prints its partial graph to stderr; the fallback is expected
+                    with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+                        warnings.simplefilter("ignore")
+                        return _trace_export(model, example), failures
+                except Exception as exc:
+                    failures.append(f"torch.export: {type(exc).__name__}: {first_line(exc)}")
     return None, failures
 
 
@@ -349,6 +395,11 @@ def split(graph: Graph, target: fx.Node) -> Split:
             env[node] = head_graph.node_copy(node, lambda n: env[n])
 
     root = graph.module
+    out_spec = getattr(root, "_out_spec", None)
+    if out_spec is not None:  # torch.export's flat outputs: rebuild the model's own structure
+        names = [n.name for n in head_graph.nodes if n.op == "placeholder"]
+        in_spec = pytree.tree_structure(tuple(names))
+        head_graph._codegen = _PyTreeCodeGen(_PyTreeInfo(names, in_spec, out_spec))
     return Split(
         trunk=fx.GraphModule(root, trunk_graph, "Trunk"),
         head=fx.GraphModule(root, head_graph, "Head"),

@@ -1,5 +1,6 @@
-"""Target layers by name: the error for an unknown name (with the closest ones) and the default
-choice in a traced graph. Their maps' layouts are :mod:`cam_engine.layout`'s."""
+"""Target layers by name (or module): the error for an unknown name (with the closest ones),
+whether a map's grid fits the image, and the default choice in a traced graph. Their maps'
+layouts are :mod:`cam_engine.layout`'s."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-__all__ = ["unknown_layer_error", "default_target"]
+from .layout import token_grid
+
+__all__ = ["unknown_layer_error", "layer_name", "map_fits", "default_target"]
 
 
 def unknown_layer_error(name: str, modules: Sequence[str], nodes: Sequence[str]) -> ValueError:
@@ -25,6 +28,52 @@ def unknown_layer_error(name: str, modules: Sequence[str], nodes: Sequence[str])
 
 
 _GLOBAL_POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.AdaptiveAvgPool3d)
+#: prefix tokens (class, distillation, registers) a token map may carry, as layout infers them
+_MAX_PREFIX = 8
+
+
+def layer_name(model: nn.Module, layer: str | nn.Module | None) -> str | None:
+    """``layer`` as a target name: a module of ``model`` is named by identity (the name
+    ``model.named_modules()`` gives it, e.g. ``model.layer4[-1]`` -> ``"layer4.1"``)."""
+    if layer is None or isinstance(layer, str):
+        return layer
+    if not isinstance(layer, nn.Module):
+        raise ValueError(
+            f"target_layer must be a name or a module of the model, got {type(layer).__name__}"
+        )
+    if layer is model:
+        raise ValueError("target_layer is the model itself; pick one of its layers")
+    name = next((n for n, m in model.named_modules() if m is layer), None)
+    if name is None:
+        raise ValueError(
+            f"target_layer is a {type(layer).__name__} that is not a module of this model"
+        )
+    return name
+
+
+def map_fits(shape: Sequence[int], image_size: tuple[int, int]) -> bool:
+    """Whether a feature map of ``shape`` lays out on a grid of the image's aspect ratio:
+    (B, C, h, w) or (B, h, w, C) with h, w > 1, or tokens (B, T, C) whose last T - p (p <= 8
+    prefix tokens) make such a grid. Volumes (B, C, d, h, w) always fit."""
+    if len(shape) == 5:
+        return True
+    if len(shape) == 4:
+        return any(
+            h > 1 and w > 1 and token_grid(h * w, image_size) == (h, w)
+            for h, w in (shape[2:4], shape[1:3])
+        )
+    if len(shape) == 3:
+        # (B, C, T) before a 1-D pooling (HF Swin / FocalNet) is no token map: its T lays out
+        # with fewer prefix tokens than its C (a class token alone is always a token map)
+        tokens, channels = _prefix(shape[1], image_size), _prefix(shape[2], image_size)
+        return tokens is not None and (tokens <= 1 or channels is None or tokens <= channels)
+    return False
+
+
+def _prefix(tokens: int, image_size: tuple[int, int]) -> int | None:
+    """The fewest prefix tokens (<= 8) leaving a grid of the image's aspect, or ``None``."""
+    prefixes = range(min(_MAX_PREFIX + 1, tokens - 3))
+    return next((p for p in prefixes if token_grid(tokens - p, image_size) is not None), None)
 
 
 def _is_adaptive_pool(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
@@ -34,55 +83,78 @@ def _is_adaptive_pool(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     return "adaptive_avg_pool" in name or "adaptive_max_pool" in name
 
 
+def _in_attention(node: fx.Node) -> bool:
+    """Whether ``node`` is computed inside an attention module: its (B, heads, T, d) and
+    (B, heads, T, T) values are not feature maps, whatever their shape."""
+    stack = node.meta.get("nn_module_stack") or {}
+    kinds = [str(kind).rpartition(".")[2].lower() for _, kind in stack.values()]
+    return any("attention" in kind or "attn" in kind for kind in kinds)
+
+
 def _shape(node: fx.Node) -> tuple[int, ...] | None:
     meta = node.meta.get("tensor_meta") or node.meta.get("val")
     shape = getattr(meta, "shape", None)
     return tuple(shape) if shape is not None else None
 
 
-def default_target(gm: fx.GraphModule, layer_norms: Sequence[tuple[str, fx.Node]]) -> fx.Node:
-    """The last spatial feature map before global pooling, from shape-annotated nodes.
+def _ancestors(node: fx.Node) -> set[fx.Node]:
+    found, todo = set(), [node]
+    while todo:
+        for inp in todo.pop().all_input_nodes:
+            if inp not in found:
+                found.add(inp)
+                todo.append(inp)
+    return found
 
-    - CNNs: the last node with a (B, C, h, w) output, h > 1 and w > 1, that is not an adaptive
-      pooling (so VGG's 7x7 ``AdaptiveAvgPool2d`` is skipped for ``features``' last layer);
-      when that node only permutes a LayerNorm's output (Swin), the LayerNorm (``norm``);
-    - transformers (token maps (B, T, C) after the last spatial map, as in ViT): the first
-      LayerNorm of the last block that holds two of them (``ln_1`` / ``norm1``).
+
+def default_target(
+    gm: fx.GraphModule, norms: Sequence[tuple[str, fx.Node]], image_size: tuple[int, int]
+) -> fx.Node:
+    """The feature map users mean, from shape-annotated nodes: the last map the output depends
+    on, outside attention, whose grid has the image's aspect ratio (see :func:`map_fits`).
+
+    - CNNs and channels-last models (the last map is (B, C, h, w) or (B, h, w, C)): that map,
+      not an adaptive pooling (VGG's 7x7 ``AdaptiveAvgPool2d`` is skipped for ``features``' last
+      layer); when it only permutes a norm's output (Swin), the norm (``norm``);
+    - token models (the last map is (B, T, C)): the first norm of the last block that holds two
+      of them after the last (B, C, h, w) map (ViT's ``norm1`` / ``ln_1``, pytorch-grad-cam's
+      recipe); with no such block (LeViT, FocalNet, HF Swin), the last token map: the last
+      stage's output.
 
     Args:
-        gm: graph whose nodes carry ``meta["tensor_meta"]`` (from shape propagation).
-        layer_norms: (module name, output node) of every LayerNorm module, in graph order.
+        gm: graph whose nodes carry ``meta["tensor_meta"]`` or ``meta["val"]``.
+        norms: (module name, output node) of every normalisation module, in graph order.
+        image_size: (H, W) of the example input.
     """
     modules = dict(gm.named_modules())
     nodes = list(gm.graph.nodes)
     order = {n: i for i, n in enumerate(nodes)}
-    spatial = [
+    used = _ancestors(next(n for n in nodes if n.op == "output"))
+    maps = [
         n
         for n in nodes
-        if n.op not in ("placeholder", "output")
+        if n in used
+        and n.op not in ("placeholder", "get_attr")
         and (shape := _shape(n)) is not None
-        and len(shape) == 4
-        and shape[2] > 1
-        and shape[3] > 1
+        and len(shape) in (3, 4)
+        and map_fits(shape, image_size)
+        and not _in_attention(n)
         and not _is_adaptive_pool(n, modules)
     ]
-    last_spatial = order[spatial[-1]] if spatial else -1
-    token_norms = [
-        (name, n)
-        for name, n in layer_norms
-        if order[n] > last_spatial and len(_shape(n) or ()) == 3
-    ]
+    if not maps:
+        raise ValueError(
+            "no feature map (B, C, h, w) or token map (B, T, C) with the input's aspect ratio "
+            "found to default to; pass target_layer explicitly"
+        )
+    if len(_shape(maps[-1])) == 4:
+        return _named_norm(maps[-1], modules, {n for _, n in norms})
+    last_spatial = max((order[n] for n in maps if len(_shape(n)) == 4), default=-1)
     blocks: dict[str, list[fx.Node]] = {}
-    for name, node in token_norms:
-        blocks.setdefault(name.rpartition(".")[0], []).append(node)
+    for name, node in norms:
+        if order[node] > last_spatial and node in maps:
+            blocks.setdefault(name.rpartition(".")[0], []).append(node)
     pairs = [nodes_ for nodes_ in blocks.values() if len(nodes_) >= 2]
-    if pairs:
-        return pairs[-1][0]
-    if spatial:
-        return _named_norm(spatial[-1], modules, {n for _, n in layer_norms})
-    raise ValueError(
-        "no spatial feature map (B, C, h, w) found to default to; pass target_layer explicitly"
-    )
+    return pairs[-1][0] if pairs else maps[-1]
 
 
 def _named_norm(node: fx.Node, modules: dict[str, nn.Module], norms: set[fx.Node]) -> fx.Node:

@@ -19,9 +19,18 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.profiler import record_function
 
 from .cache import state_key
-from .graph import Graph, HookCapture, Split, find_module_output, first_line, split, trace
+from .graph import (
+    TRACERS,
+    Graph,
+    HookCapture,
+    Split,
+    find_module_output,
+    first_line,
+    split,
+    trace,
+)
 from .heads import GapLinear, find_gap_linear
-from .layers import default_target
+from .layers import default_target, layer_name, map_fits
 
 __all__ = ["CAMModel", "SplitRunner", "wrap", "select_output"]
 
@@ -105,6 +114,7 @@ class SplitRunner:
         input_shape: (C, H, W) an export graph is exact at (``None`` for the others).
         inference_trunk: the trunk run without autograd (compiled), ``None``: ``split.trunk``.
         channels_last: without autograd, the trunk gets channels-last copies of 4-D images.
+        map_checked: whether the map's grid was checked against an input's aspect ratio.
     """
 
     kind: str
@@ -117,6 +127,23 @@ class SplitRunner:
     input_shape: tuple[int, ...] | None = None
     inference_trunk: Callable[[Tensor], tuple] | None = None
     channels_last: bool = False
+    map_checked: bool = False
+
+    def check_map(self, features: Tensor, image_size: tuple[int, ...]) -> None:
+        """Warn, on the first call only, when a (B, C, h, w) map's grid does not have the
+        image's aspect ratio in either layout: its heatmaps would be that grid stretched (a node
+        inside attention, (B, heads, T, d), is no feature map)."""
+        if self.map_checked:
+            return
+        self.map_checked = True
+        if features.ndim == 4 and not map_fits(tuple(features.shape), tuple(image_size)):
+            warnings.warn(
+                f"the target layer {self.target_layer!r} outputs {tuple(features.shape)}, whose "
+                f"grid does not have the input's aspect ratio {tuple(image_size)}: its heatmaps "
+                "are that grid stretched over the image. Pick a layer that outputs a spatial "
+                "map (target_layer=None does), or pass reshape= a callable",
+                stacklevel=5,
+            )
 
     def trunk(self, x: Tensor) -> tuple:
         """``(features, *extras)`` of the split's trunk (profiled as its stage).
@@ -163,9 +190,11 @@ class CAMModel(nn.Module):
 
     Args:
         model: a classifier.
-        target_layer: a dotted module name (``"layer4"``, ``"features.35"``) or an FX node name;
-            ``None`` picks the last spatial feature map before global pooling (or, for vision
-            transformers, the first LayerNorm of the last block).
+        target_layer: a dotted module name (``"layer4"``, ``"features.35"``), an FX node name or
+            a module of ``model`` (``model.layer4[-1]``, named by identity); ``None`` picks
+            the map users mean (see :func:`cam_engine.layers.default_target`): the last spatial
+            feature map before global pooling, or, for vision transformers, the first norm of
+            the last block.
         output: where the logits are in the model's output (see :func:`select_output`).
         input_size: (H, W) of the example input used to choose the default layer and for
             ``torch.export``.
@@ -186,7 +215,7 @@ class CAMModel(nn.Module):
     def __init__(
         self,
         model: nn.Module,
-        target_layer: str | None = None,
+        target_layer: str | nn.Module | None = None,
         *,
         output: OutputSelector = None,
         input_size: tuple[int, int] = (224, 224),
@@ -209,6 +238,7 @@ class CAMModel(nn.Module):
         self.compile_options = None if compile is False else {} if compile is True else compile
         #: ``None``: channels-last trunk input on the CPU only; ``True``: everywhere; ``False``
         self.channels_last = channels_last
+        target_layer = layer_name(model, target_layer)
         self._requested = target_layer
         self._built: OrderedDict[tuple, SplitRunner] = OrderedDict()  # least recently used first
         self._lock = threading.RLock()
@@ -279,9 +309,19 @@ class CAMModel(nn.Module):
 
     def _build(self, example: Tensor) -> SplitRunner:
         graph, notes = trace(self.model, example, inside=self._requested)
+        while graph is not None:
+            try:
+                node = self._target_node(graph, example)
+                parts = split(graph, node)
+                break
+            except ValueError:  # an unknown name, a layer the output does not use: the user's
+                raise
+            except Exception as exc:  # shape propagation failed on this graph: the next way
+                notes.append(f"{graph.kind} split: {type(exc).__name__}: {first_line(exc)}")
+                later = TRACERS[TRACERS.index(graph.kind) + 1 :]
+                graph, failures = trace(self.model, example, inside=self._requested, tracers=later)
+                notes += failures
         if graph is not None:
-            node = self._target_node(graph, example)
-            parts = split(graph, node)
             options = self.compile_options
             channels_last, refusal = self._trunk_channels_last(parts.trunk, example)
             return SplitRunner(
@@ -332,12 +372,12 @@ class CAMModel(nn.Module):
         if graph.kind == "fx":
             _propagate_shapes(graph.module, example)
         modules = dict(self.model.named_modules())
-        norms = [
+        norms = [  # LayerNorm, and the norms named so (timm ResMLP's Affine norm1 / norm2)
             (name, graph.names[name])
             for name in graph.module_names
-            if isinstance(modules.get(name), nn.LayerNorm)
+            if isinstance(modules.get(name), nn.LayerNorm) or "norm" in name.rpartition(".")[2]
         ]
-        return default_target(graph.module, norms)
+        return default_target(graph.module, norms, tuple(example.shape[2:4]))
 
     def predict(self, x: Tensor) -> Tensor:
         """The selected model output (the logits) for ``x``, without autograd."""
@@ -368,9 +408,11 @@ class CAMModel(nn.Module):
         runner = self.current(x)
         if runner.hook is not None:
             features, output = runner.capture(x, grad_head=True)
+            runner.check_map(features, x.shape[2:])
             return features, select_output(output, self.output), None
         with torch.no_grad():
             features, *extras = runner.trunk(x)
+        runner.check_map(features, x.shape[2:])
         gap = runner.gap if runner.gap is not None and runner.gap.applies(features) else None
         needs_grad = gap is None or not closed_form
         if needs_grad:
@@ -442,7 +484,7 @@ def _propagate_shapes(gm: fx.GraphModule, example: Tensor) -> None:
 
 def wrap(
     model: nn.Module,
-    target_layer: str | None = None,
+    target_layer: str | nn.Module | None = None,
     *,
     output: OutputSelector = None,
     input_size: tuple[int, int] = (224, 224),
