@@ -401,8 +401,8 @@ def test_cli_export(tmp_path, capsys):
 
 
 # --- the zoo (slow): GAP heads beyond resnet18's, and VGG itself ---------------------------------
-# Every torchvision classifier's export and ORT parity is scripts/check_zoo.py's table; the suite
-# keeps the cases whose head or layer is of a kind not covered above.
+# Every torchvision classifier's export and ORT self-check: `scripts/check_torchvision_zoo.py
+# --onnx`; the suite keeps the heads and layers of a kind not covered above.
 
 
 @pytest.fixture(scope="module")
