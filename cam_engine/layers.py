@@ -83,12 +83,26 @@ def _is_adaptive_pool(node: fx.Node, modules: dict[str, nn.Module]) -> bool:
     return "adaptive_avg_pool" in name or "adaptive_max_pool" in name
 
 
-def _in_attention(node: fx.Node) -> bool:
-    """Whether ``node`` is computed inside an attention module: its (B, heads, T, d) and
-    (B, heads, T, T) values are not feature maps, whatever their shape."""
-    stack = node.meta.get("nn_module_stack") or {}
-    kinds = [str(kind).rpartition(".")[2].lower() for _, kind in stack.values()]
-    return any("attention" in kind or "attn" in kind for kind in kinds)
+def _is_attention(kind: object) -> bool:
+    name = str(kind).rpartition(".")[2].lower()
+    return "attention" in name or "attn" in name
+
+
+def _inside_attention(nodes: Sequence[fx.Node]) -> set[fx.Node]:
+    """The nodes computed inside an attention module, its output excepted: their (B, heads, T, d)
+    and (B, heads, T, T) values are not feature maps, whatever their shape, while the module's
+    output is (MaxViT's last block ends in its ``grid_attention`` layer)."""
+    output: dict[str, fx.Node] = {}  # each attention module's last node: its output
+    for node in nodes:
+        for path, kind in (node.meta.get("nn_module_stack") or {}).values():
+            if _is_attention(kind):
+                output[path] = node
+    return {
+        node
+        for node in nodes
+        for path, kind in (node.meta.get("nn_module_stack") or {}).values()
+        if _is_attention(kind) and output[path] is not node
+    }
 
 
 def _shape(node: fx.Node) -> tuple[int, ...] | None:
@@ -130,6 +144,7 @@ def default_target(
     nodes = list(gm.graph.nodes)
     order = {n: i for i, n in enumerate(nodes)}
     used = _ancestors(next(n for n in nodes if n.op == "output"))
+    inside_attention = _inside_attention(nodes)
     maps = [
         n
         for n in nodes
@@ -138,7 +153,7 @@ def default_target(
         and (shape := _shape(n)) is not None
         and len(shape) in (3, 4)
         and map_fits(shape, image_size)
-        and not _in_attention(n)
+        and n not in inside_attention
         and not _is_adaptive_pool(n, modules)
     ]
     if not maps:

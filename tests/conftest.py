@@ -41,6 +41,37 @@ def make_model(name: str, size: int = 64, dtype: torch.dtype = torch.float64, se
     return calibrate_bn(model, torch.randn(8, 3, size, size, dtype=dtype, generator=generator))
 
 
+def small_model(name: str, size: int = 64, dtype: torch.dtype = torch.float64, seed: int = 0):
+    """torchvision's own ConvNeXt / MaxViT / Swin classes at a small width and depth.
+
+    The modules, layer names and heads of ``convnext_tiny`` (``features.0`` .. ``features.7``),
+    ``maxvit_t`` (``blocks.*``, its last block the default target) and ``swin_t`` (``features``,
+    ``norm``, ``permute``) at a tenth of their cost or less, for the checks that need a family's
+    structure rather than its size. Random init, eval mode, ``dtype``, on the CPU.
+    """
+    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+    from torchvision.models.maxvit import MaxVit
+    from torchvision.models.swin_transformer import SwinTransformer
+
+    torch.manual_seed(seed)
+    if name == "convnext":
+        stages = [CNBlockConfig(8, 16, 1), CNBlockConfig(16, 32, 1), CNBlockConfig(32, 64, 1),
+                  CNBlockConfig(64, None, 1)]  # fmt: skip
+        model = ConvNeXt(stages, num_classes=10)
+    elif name == "maxvit":  # 2x2 windows: the grid after the stem (size / 2) and both stages
+        model = MaxVit((size, size), stem_channels=16, partition_size=2, block_channels=[16, 32],
+                       block_layers=[1, 1], head_dim=8, stochastic_depth_prob=0.0,
+                       num_classes=10)  # fmt: skip
+    elif name == "swin":
+        model = SwinTransformer([4, 4], 16, depths=[1, 1], num_heads=[2, 2], window_size=[4, 4],
+                                stochastic_depth_prob=0.0, num_classes=10)  # fmt: skip
+    else:
+        raise ValueError(f"no small {name!r}")
+    generator = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(8, 3, size, size, dtype=dtype, generator=generator)
+    return calibrate_bn(model.to(dtype), x)
+
+
 def images(batch: int = 2, size: int | tuple[int, int] = 64, dtype=torch.float64, seed: int = 2):
     """A reproducible batch of random images (B, 3, H, W)."""
     height, width = (size, size) if isinstance(size, int) else size

@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
-from conftest import calibrate_bn, images, make_model
+from conftest import calibrate_bn, images, make_model, small_model
 from test_engine import TutorialCAMNet
 from torch import nn
-from torchvision.models.convnext import CNBlockConfig, ConvNeXt, LayerNorm2d
+from torchvision.models.convnext import LayerNorm2d
 from torchvision.models.densenet import DenseNet
 from torchvision.models.mobilenetv3 import InvertedResidualConfig, MobileNetV3
 
@@ -442,10 +442,7 @@ def test_mobilenet_v3_gradcam_through_a_hardswish_mlp(tmp_path):
 
 @pytest.mark.slow
 def test_convnext_gradcam_through_its_layer_norm2d(tmp_path):
-    # torchvision's ConvNeXt (its head: LayerNorm2d -> flatten -> linear) with two small stages
-    torch.manual_seed(0)
-    stages = [CNBlockConfig(16, 32, 1), CNBlockConfig(32, None, 1)]
-    model = ConvNeXt(stages, num_classes=10).eval()  # LayerNorm: no statistics to calibrate
+    model = small_model("convnext", dtype=F32)  # its head: LayerNorm2d -> flatten -> linear
     path = tmp_path / "convnext.onnx"
     with pytest.raises(ValueError, match="global average pooling"):  # LayerNorm2d: not linear
         to_onnx(model, path, method="cam", input_size=(64, 64))

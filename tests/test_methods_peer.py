@@ -6,11 +6,12 @@ LeGrad (torchcam, on a small torchvision ViT); batching over images and targets;
 from __future__ import annotations
 
 import functools
+from collections import OrderedDict
 
 import numpy as np
 import pytest
 import torch
-from conftest import images
+from conftest import calibrate_bn, images
 from test_methods import HEATMAP_TOL, minmax, upsample_minmax
 from test_methods_extra import built, torchcam_cams
 from torch import Tensor, nn
@@ -28,6 +29,21 @@ BLOCKS = [f"encoder.layers.encoder_layer_{i}" for i in range(3)]
 
 
 @functools.cache
+@functools.cache
+def small_cnn() -> nn.Module:
+    """Three stride-2 conv stages named as a ResNet's (``layer1`` .. ``layer3``), GAP -> linear:
+    SESS's hundred windows at a small cost. float64, calibrated BatchNorm."""
+    torch.manual_seed(0)
+
+    def stage(cin: int, cout: int) -> nn.Sequential:
+        return nn.Sequential(nn.Conv2d(cin, cout, 3, 2, 1), nn.BatchNorm2d(cout), nn.ReLU())
+
+    stages = {"layer1": stage(3, 16), "layer2": stage(16, 32), "layer3": stage(32, 32)}
+    head = {"pool": nn.AdaptiveAvgPool2d(1), "flatten": nn.Flatten(), "fc": nn.Linear(32, 10)}
+    model = nn.Sequential(OrderedDict({**stages, **head})).double()
+    return calibrate_bn(model, images(8, 32))
+
+
 def small_vit() -> nn.Module:
     """A 3-block torchvision ViT on 32 px images: 4x4 patches and a class token."""
     torch.manual_seed(0)
@@ -122,7 +138,7 @@ def test_sess_with_a_base_matches_pytorch_grad_cam():
 @pytest.mark.slow
 def test_sess_defaults_match_pytorch_grad_cam():
     """12 scales from 32 to 131 px: about 130 windows, 15 s in pytorch-grad-cam."""
-    model, x = built("resnet18", 32), images(1, 32)
+    model, x = small_cnn(), images(1, 32)
     res = ce.CAMEngine(model, "layer3", "sess")(x, [4])
     expected = pgc_meta(pgc.SESS, model, ["layer3"], x, [4])
     assert_close(res.heatmaps[:, 0], expected, atol=HEATMAP_TOL, rtol=0)
@@ -141,7 +157,7 @@ SESS_CHANGES = [
 
 
 def test_sess_options_change_the_map():
-    model, x = built("resnet18", 32), images(1, 32)
+    model, x = small_cnn(), images(1, 32)
 
     def run(**change):
         options = {"num_scales": 3, **change}
@@ -194,7 +210,7 @@ def test_legrad_matches_torchcam(layer, first, projected):
 def test_batched_equals_single_calls(resnet18, method, options):
     model, layer, size = {
         "refinecam": (resnet18, "layer4", 64),
-        "sess": (built("resnet18", 32), "layer3", 32),
+        "sess": (small_cnn(), "layer3", 32),
         "legrad": (small_vit(), None, 32),
     }[method]
     x, classes = images(2, size), torch.tensor([[3, 5], [1, 7]])
