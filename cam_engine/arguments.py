@@ -22,6 +22,7 @@ __all__ = [
     "BENCH_BACKENDS",
     "COLORMAPS",
     "COMPILE_MODES",
+    "DETECTORS",
     "MAX_PIXELS",
     "METHODS",
     "SAVE_CHOICES",
@@ -50,6 +51,14 @@ BENCH_BACKENDS = (
     "plain", "engine", "engine-nchw", "engine-compile", "reference", "pytorch-grad-cam",
     "torchcam", "captum", "ort-plain", "ort-cam", "ov-plain", "ov-cam", "ort-cam-top3",
     "ort-cam-int8", "ort-cam-int8-dynamic",
+)  # fmt: skip
+#: ``torchvision.models.list_models(module=torchvision.models.detection)``
+DETECTORS = (
+    "fasterrcnn_mobilenet_v3_large_320_fpn", "fasterrcnn_mobilenet_v3_large_fpn",
+    "fasterrcnn_resnet50_fpn", "fasterrcnn_resnet50_fpn_v2", "fcos_resnet50_fpn",
+    "keypointrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn", "maskrcnn_resnet50_fpn_v2",
+    "retinanet_resnet50_fpn", "retinanet_resnet50_fpn_v2", "ssd300_vgg16",
+    "ssdlite320_mobilenet_v3_large",
 )  # fmt: skip
 #: the keys of :data:`cam_engine.bench.models.AUTOCAST`
 AUTOCAST = ("bf16", "fp16")

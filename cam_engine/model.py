@@ -136,9 +136,12 @@ class SplitRunner:
         if self.map_checked:
             return
         self.map_checked = True
-        if features.ndim == 4 and not map_fits(tuple(features.shape), tuple(image_size)):
+        shape = tuple(features.shape)
+        # a 1x1 map (a small input's last stage) is one value per channel: nothing to stretch
+        single = len(shape) == 4 and shape[2] * shape[3] == 1
+        if len(shape) == 4 and not single and not map_fits(shape, tuple(image_size)):
             warnings.warn(
-                f"the target layer {self.target_layer!r} outputs {tuple(features.shape)}, whose "
+                f"the target layer {self.target_layer!r} outputs {shape}, whose "
                 f"grid does not have the input's aspect ratio {tuple(image_size)}: its heatmaps "
                 "are that grid stretched over the image. Pick a layer that outputs a spatial "
                 "map (target_layer=None does), or pass reshape= a callable",

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torchvision
 
 from cam_engine import arguments, cli, methods
 from cam_engine.bench import backends, models
@@ -47,8 +48,9 @@ def test_every_commands_help_loads_no_torch():
         (arguments.BENCH_BACKENDS, backends.available()),
         (arguments.AUTOCAST, list(models.AUTOCAST)),
         (arguments.COMPILE_MODES, models.COMPILE_MODES),
+        (arguments.DETECTORS, torchvision.models.list_models(module=torchvision.models.detection)),
     ],
-    ids=["methods", "colormaps", "backends", "autocast", "compile-modes"],
+    ids=["methods", "colormaps", "backends", "autocast", "compile-modes", "detectors"],
 )
 def test_the_helps_lists_are_the_librarys(copy, library):
     assert list(copy) == list(library), "update cam_engine/arguments.py to the library's names"

@@ -204,6 +204,7 @@ def test_a_map_whose_grid_misfits_the_image_warns():
         warnings.simplefilter("error")
         ce.CAMEngine(model, "0", input_size=(8, 8))(x)
         assert ce.CAMEngine(model, None, input_size=(8, 8)).target_layer == "0"
+        ce.CAMEngine(model, "2", input_size=(8, 8))(x)  # a 1x1 map: nothing is stretched
 
 
 @pytest.mark.parametrize(

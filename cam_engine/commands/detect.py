@@ -17,16 +17,13 @@ HELP = "explain a torchvision detector's detections: one overlay per box, detect
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    import torchvision
+    from ..arguments import DETECTORS, add_run_arguments
 
-    from ..loading import add_run_arguments
-
-    detectors = torchvision.models.list_models(module=torchvision.models.detection)
     parser.add_argument("images", nargs="+", type=Path, metavar="IMAGES", help="image files")
     parser.add_argument(
         "--model",
         default="fasterrcnn_mobilenet_v3_large_320_fpn",
-        help=f"a torchvision detector: {', '.join(detectors)}",
+        help=f"a torchvision detector: {', '.join(DETECTORS)}",
     )
     parser.add_argument(
         "--weights",

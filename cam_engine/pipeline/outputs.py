@@ -154,7 +154,6 @@ def _draw(
             f"{name} p={probability_text(p)}"
             for name, p in zip(result.names, result.scores, strict=True)
         ]
-        tiles = _shrink(torch.cat([result.image[None], result.overlays]))
         yield sheet_file(picture_name(result.key)), contact_sheet(tiles[None], [titles])
 
 
