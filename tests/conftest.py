@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
 import torchvision
 from torch import nn
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two pytest-xdist workers on a 2-core machine: one torch thread each (two
+    # each would make four threads wait on each other at every OpenMP barrier)
+    torch.set_num_threads(1)
 
 
 def calibrate_bn(model: nn.Module, x: torch.Tensor) -> nn.Module:
