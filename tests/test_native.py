@@ -280,7 +280,8 @@ def test_build_folder_runs_when_copied(cam_ort, models, tmp_path):
 @pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
 def test_make_native_installs_no_python_environment(tmp_path):
     done = subprocess.run(
-        ["make", "-n", "native", f"VENV={tmp_path / 'venv'}"],
+        # --no-print-directory: under `make test` the outer make's MAKELEVEL reaches this one
+        ["make", "--no-print-directory", "-n", "native", f"VENV={tmp_path / 'venv'}"],
         cwd=ROOT,
         capture_output=True,
         text=True,
