@@ -2,10 +2,13 @@
 
 One tiny model per head kind that neither closed form covers: pool -> 1x1 conv -> act -> flatten
 -> linear (timm MobileNetV3 / GhostNet / LCNet), timm VGG's ConvMlp pre-logits, a ViT class-token
-head, Swin's channels-last norm -> pool, ResMLP's token mean.
+head, Swin's channels-last norm -> pool, ResMLP's token mean; heads that take sizes (ints) from
+the trunk besides tensors (Hugging Face ViT's ``torch.export`` split, timm PiT's FX split).
 """
 
 from __future__ import annotations
+
+import copy
 
 import numpy as np
 import pytest
@@ -20,8 +23,10 @@ from timm.models.vgg import ConvMlp
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+import cam_engine as ce
 from cam_engine.export import OrtCAM, to_onnx
-from cam_engine.export.head_vjp import DECOMPOSITIONS, MapLayout, trace_head_gradient
+from cam_engine.export.graphs import Postprocess
+from cam_engine.export.head_vjp import DECOMPOSITIONS, HeadGradCAM, MapLayout, trace_head_gradient
 from cam_engine.layout import to_nchw
 
 F32 = torch.float32
@@ -192,6 +197,79 @@ def test_resmlp_token_mean_head_given_classes(tmp_path):
     ort_cam = _export(model, tmp_path, "blocks.1", (32, 32), classes_input=True)
     classes = torch.tensor([[3, 0], [9, 9], [1, 4], [7, 2]])  # Affine -> token mean -> linear
     assert_matches_engine(ort_cam, model, "gradcam", images(4, 32, F32, seed=5), classes)
+
+
+def test_hugging_face_vit_head_taking_the_batch_size_as_an_int(tmp_path):
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.ViTConfig(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+        image_size=32, patch_size=8, num_labels=10,
+    )  # fmt: skip
+    model64 = transformers.ViTForImageClassification(config).double().eval()
+    model = copy.deepcopy(model64).float()
+    path = tmp_path / "model.onnx"
+    # the torch.export split's head reads the batch size from the trunk: an int, not a tensor
+    to_onnx(model, path, None, method="gradcam", topk=2, output="logits", input_size=(32, 32),
+            upsample=False, normalize=False, check=False)  # fmt: skip
+    ort_cam = OrtCAM(path)
+    layer = ort_cam.metadata["target_layer"]
+    assert layer == "vit.layers.0.layernorm_before"
+    engine = ce.CAMEngine(model64, layer, "gradcam", output="logits", input_size=(32, 32))
+    for batch in (1, 3):  # neither is the batch of 2 the export traces with
+        x = images(batch, 32, F32, seed=batch)
+        got = ort_cam(x)  # raw maps: no upsampling or normalisation
+        want = engine(x.double(), got.classes)
+        assert torch.equal(got.classes, want.logits.topk(2, dim=1).indices)
+        torch.testing.assert_close(got.logits.double(), want.logits, rtol=1e-5, atol=1e-6)
+        scale = want.cams.abs().max().item()
+        assert scale > 0, "all-zero maps would make the comparison vacuous"
+        torch.testing.assert_close(got.heatmaps.double(), want.cams, rtol=0, atol=1e-5 * scale)
+
+
+class SizesAcrossTheCut(nn.Module):
+    """timm PiT's pattern under torch.fx: the trunk reads B, C, H, W and the class tokens'
+    count (a constant 1) as ints, and the head after the tokens lays them out by those ints."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 4, stride=4)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, 6))
+        self.norm = nn.LayerNorm(6)
+        self.pool = nn.Conv2d(6, 6, 2, stride=2)
+        self.fc = nn.Linear(12, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        batch, channels, height, width = x.shape
+        cls = self.cls_token.expand(batch, -1, -1)
+        count = cls.shape[1]
+        tokens = self.norm(torch.cat([cls, x.flatten(2).transpose(1, 2)], 1))
+        cls, grid = tokens[:, :count], tokens[:, count:]
+        grid = grid.transpose(1, 2).reshape(batch, channels, height, width)
+        pooled = self.pool(grid).amax((2, 3))
+        return self.fc(torch.cat([cls[:, 0], pooled], 1))
+
+
+def test_sizes_the_head_takes_from_the_trunk_follow_the_input_in_its_traced_gradient():
+    torch.manual_seed(0)
+    model = SizesAcrossTheCut().double().eval()
+    cam_model = ce.CAMModel(model, "norm", input_size=(16, 24))
+    _, *extras = cam_model.current().split.trunk(images(2, (16, 24)))
+    assert [type(e) for e in extras[:5]] == [int] * 5  # batch, channels, height, width, count
+    post = Postprocess(upsample=False, normalize=False)
+    graph = HeadGradCAM(cam_model, 2, post, images(2, (16, 24)), False, dynamic_size=True)
+    engine = ce.CAMEngine(model, "norm", "gradcam", input_size=(16, 24))
+    for batch, size in [(3, (24, 16)), (1, (32, 32))]:  # other ints: other batches and grids
+        x = images(batch, size)
+        logits, classes, cams = graph(x)
+        want = engine(x, classes)
+        torch.testing.assert_close(logits.double(), want.logits, rtol=1e-5, atol=1e-6)
+        assert torch.equal(classes, want.logits.topk(2, dim=1).indices)
+        scale = want.cams.abs().max().item()
+        assert scale > 0, "all-zero maps would make the comparison vacuous"
+        torch.testing.assert_close(cams.double(), want.cams, rtol=0, atol=1e-5 * scale)
 
 
 def test_op_without_onnx_form_is_refused_by_name(tmp_path):

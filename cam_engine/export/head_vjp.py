@@ -149,7 +149,10 @@ def trace_head_gradient(
         head: the split's head, ``(features, *extras) -> model output``.
         features: (B, *F) an example target map; traced with symbolic sizes (no two alike, so
             that no size stands for another), so the graph holds at every batch and map size.
-        extras: the trunk's other outputs that the head takes.
+        extras: the trunk's other outputs that the head takes: tensors, and sizes (ints) that
+            the trunk read from the input's shape (the batch of a Hugging Face ``torch.export``
+            split, the grid timm PiT lays its tokens out by); traced as symbols, each an input
+            of the graph, so that they follow the input too.
         output: where the logits are in the head's output (:func:`select_output`).
         topk: K when the classes are not given.
         classes_given: the graph takes ``classes`` (B, K) int64 as its last input.
@@ -188,10 +191,11 @@ def trace_head_gradient(
         ) from None
 
 
-def _widened(tensors: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-    """``tensors`` with floating ones below float32 in float32."""
+def _widened(values: tuple) -> tuple:
+    """``values`` with floating tensors below float32 in float32 (sizes pass as they are)."""
     return tuple(
-        t.float() if t.is_floating_point() and t.element_size() < 4 else t for t in tensors
+        t.float() if isinstance(t, Tensor) and t.is_floating_point() and t.itemsize < 4 else t
+        for t in values
     )
 
 
