@@ -218,7 +218,8 @@ def _trace_fx(model: nn.Module, inside: str | None) -> Graph:
 
 
 def _module_tree_copy(model: nn.Module) -> nn.Module:
-    """``model`` with each module object copied, its parameters, buffers and hooks shared.
+    """``model`` with each module object copied, its parameters, buffers and hooks shared (a
+    forward hook added to a copy stays off ``model``).
 
     Non-strict ``torch.export`` swaps a module's parameters and buffers for fake tensors while
     it traces; on a copy of the module tree, other threads running ``model`` keep the real ones.
@@ -230,6 +231,7 @@ def _module_tree_copy(model: nn.Module) -> nn.Module:
             twin = copies[id(module)] = copy.copy(module)
             twin._parameters = dict(module._parameters)
             twin._buffers = dict(module._buffers)
+            twin._forward_hooks = type(module._forward_hooks)(module._forward_hooks)
             twin._modules = {
                 name: None if child is None else copy_tree(child)
                 for name, child in module._modules.items()
@@ -241,9 +243,9 @@ def _module_tree_copy(model: nn.Module) -> nn.Module:
 
 def _trace_export(model: nn.Module, example: Tensor) -> Graph:
     batch = torch.export.Dim("batch", min=1)
-    program = torch.export.export(
-        _module_tree_copy(model), (example,), dynamic_shapes=({0: batch},), strict=False
-    )
+    twin = _module_tree_copy(model)
+    with _tensor_returning(twin) as returns_tensor:
+        program = torch.export.export(twin, (example,), dynamic_shapes=({0: batch},), strict=False)
     gm = program.module()
     nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
     members: dict[str, set[fx.Node]] = {}
@@ -257,8 +259,33 @@ def _trace_export(model: nn.Module, example: Tensor) -> Graph:
         escaping = [n for n in nodes if n in inside and any(u not in inside for u in n.users)]
         if path and escaping:
             names[path] = escaping[-1]
-            module_names.append(path)
+            # a module returning a structure (a Hugging Face encoder's ModelOutput) is accepted
+            # as a name, but the map is named by the module returning the tensor itself, which
+            # hooks (pytorch-grad-cam's) can take
+            if path in returns_tensor:
+                module_names.append(path)
     return Graph(gm, "export", names, module_names)
+
+
+@contextlib.contextmanager
+def _tensor_returning(twin: nn.Module) -> Iterator[set[str]]:
+    """The names of ``twin``'s modules whose call returned a tensor, filled as it runs.
+
+    ``twin`` is a :func:`_module_tree_copy`: the recording hooks go on its own hook tables.
+    """
+    paths = {module: path for path, module in twin.named_modules()}
+    found: set[str] = set()
+
+    def record(module: nn.Module, args: Any, output: Any) -> None:
+        if isinstance(output, Tensor):
+            found.add(paths[module])
+
+    handles = [module.register_forward_hook(record) for module in paths]
+    try:
+        yield found
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 #: the tracers :func:`trace` tries, in order

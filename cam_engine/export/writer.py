@@ -200,8 +200,8 @@ def _cam_model(model, target_layer, output, input_size) -> CAMModel:
 
 def _converted_copy(cam_model: CAMModel, *to_args) -> CAMModel:
     """A copy moved by ``nn.Module.to(*to_args)``, split at the same layer (the caller's model
-    is left as it is)."""
-    moved = copy.deepcopy(cam_model.model).to(*to_args)
+    is left as it is), without what the modules memoised (:func:`_without_memos`)."""
+    moved = copy.deepcopy(cam_model.model, _without_memos(cam_model.model)).to(*to_args)
     return CAMModel(
         moved,
         cam_model.target_layer,
@@ -209,6 +209,26 @@ def _converted_copy(cam_model: CAMModel, *to_args) -> CAMModel:
         input_size=cam_model.input_size,
         channels_last=False,
     )
+
+
+def _without_memos(model: nn.Module) -> dict[int, Any]:
+    """A ``copy.deepcopy`` memo that copies each module's own dicts without their tensors.
+
+    A tensor in a module's plain dict (timm LeViT / EfficientFormer's and Hugging Face LeViT's
+    ``attention_bias_cache``) is a value the module memoised from its parameters: ``.to()`` does
+    not convert it, so the copy would mix it, stale, with its converted weights, and one
+    memoised while autograd was on is no graph leaf, which ``deepcopy`` refuses. The copy
+    computes it again from its own weights.
+    """
+    memo: dict[int, Any] = {}
+    for module in model.modules():
+        for name, table in vars(module).items():
+            if name.startswith("_") or not isinstance(table, dict):
+                continue  # parameters, buffers, submodules and hooks are copied as they are
+            if any(isinstance(value, Tensor) for value in table.values()):
+                kept = {key: value for key, value in table.items() if not isinstance(value, Tensor)}
+                memo[id(table)] = copy.deepcopy(kept, memo)
+    return memo
 
 
 def _graph(
