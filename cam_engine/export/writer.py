@@ -216,9 +216,8 @@ def _without_memos(model: nn.Module) -> dict[int, Any]:
 
     A tensor in a module's plain dict (timm LeViT / EfficientFormer's and Hugging Face LeViT's
     ``attention_bias_cache``) is a value the module memoised from its parameters: ``.to()`` does
-    not convert it, so the copy would mix it, stale, with its converted weights, and one
-    memoised while autograd was on is no graph leaf, which ``deepcopy`` refuses. The copy
-    computes it again from its own weights.
+    not convert it, and one memoised while autograd was on is no graph leaf, which ``deepcopy``
+    refuses. The copy computes it again from its own weights when it needs it.
     """
     memo: dict[int, Any] = {}
     for module in model.modules():
