@@ -161,6 +161,8 @@ class Graph:
             names and torchvision's qualified node names).
         module_names: the dotted names of the modules whose output is a node of the graph.
         repeated: modules that run more than once per forward -> the names of each call.
+        structured: modules whose output holds their node's value in a structure (a Hugging
+            Face encoder's ``ModelOutput``): accepted names, but not the names given to a map.
     """
 
     module: fx.GraphModule
@@ -168,6 +170,7 @@ class Graph:
     names: dict[str, fx.Node]
     module_names: list[str] = field(default_factory=list)
     repeated: dict[str, list[str]] = field(default_factory=dict)
+    structured: set[str] = field(default_factory=set)
 
     def node(self, name: str) -> fx.Node:
         if name not in self.names:
@@ -181,9 +184,13 @@ class Graph:
         return self.names[name]
 
     def name_of(self, node: fx.Node) -> str:
-        """The outermost module name computing ``node``, else its FX node name."""
+        """The outermost module name computing ``node``, else its FX node name.
+
+        A module returning the value as a tensor comes first: that is the module hooks
+        (pytorch-grad-cam's) can take (``resnet.encoder.stages.3``, not ``resnet.encoder``).
+        """
         modules = [m for m in self.module_names if self.names[m] is node]
-        return min(modules, key=lambda m: m.count(".")) if modules else node.name
+        return min(modules, key=lambda m: (m in self.structured, m.count(".")), default=node.name)
 
 
 def _defaults(model: nn.Module) -> dict[str, Any]:
@@ -259,12 +266,9 @@ def _trace_export(model: nn.Module, example: Tensor) -> Graph:
         escaping = [n for n in nodes if n in inside and any(u not in inside for u in n.users)]
         if path and escaping:
             names[path] = escaping[-1]
-            # a module returning a structure (a Hugging Face encoder's ModelOutput) is accepted
-            # as a name, but the map is named by the module returning the tensor itself, which
-            # hooks (pytorch-grad-cam's) can take
-            if path in returns_tensor:
-                module_names.append(path)
-    return Graph(gm, "export", names, module_names)
+            module_names.append(path)
+    structured = {path for path in module_names if path not in returns_tensor}
+    return Graph(gm, "export", names, module_names, structured=structured)
 
 
 @contextlib.contextmanager
@@ -273,12 +277,14 @@ def _tensor_returning(twin: nn.Module) -> Iterator[set[str]]:
 
     ``twin`` is a :func:`_module_tree_copy`: the recording hooks go on its own hook tables.
     """
-    paths = {module: path for path, module in twin.named_modules()}
+    paths: dict[nn.Module, list[str]] = {}
+    for path, module in twin.named_modules(remove_duplicate=False):
+        paths.setdefault(module, []).append(path)  # a module used in several places: each name
     found: set[str] = set()
 
     def record(module: nn.Module, args: Any, output: Any) -> None:
         if isinstance(output, Tensor):
-            found.add(paths[module])
+            found.update(paths[module])
 
     handles = [module.register_forward_hook(record) for module in paths]
     try:
