@@ -49,7 +49,16 @@ from torchvision.models.feature_extraction import NodePathTracer
 
 from .layers import unknown_layer_error
 
-__all__ = ["Graph", "Split", "TRACE_LOCK", "trace", "tracing", "split", "find_module_output"]
+__all__ = [
+    "Graph",
+    "Split",
+    "TRACE_LOCK",
+    "trace",
+    "tracing",
+    "split",
+    "find_module_output",
+    "module_dicts",
+]
 
 #: held while this process traces a model with torch.fx or torch.export (see :func:`tracing`)
 TRACE_LOCK = threading.RLock()
@@ -298,6 +307,16 @@ def _tensor_returning(twin: nn.Module) -> Iterator[set[str]]:
 TRACERS = ("fx", "export")
 
 
+def module_dicts(model: nn.Module) -> Iterator[dict]:
+    """The dicts ``model``'s modules keep as public attributes of their own: where a module
+    memoises values (timm LeViT / EfficientFormer's ``attention_bias_cache``). Parameters,
+    buffers, submodules and hooks (the ``_``-prefixed tables) are not among them."""
+    for module in model.modules():
+        for name, table in vars(module).items():
+            if not name.startswith("_") and isinstance(table, dict):
+                yield table
+
+
 @contextlib.contextmanager
 def _model_state_kept(model: nn.Module) -> Iterator[None]:
     """Put back the contents of the modules' own dicts after tracing.
@@ -306,12 +325,7 @@ def _model_state_kept(model: nn.Module) -> Iterator[None]:
     ``attention_bias_cache``) would otherwise keep the tracer's proxy or fake tensor: the next
     trace or the user's next ``model(x)`` then reads a value of a graph that no longer exists.
     """
-    saved = [
-        (table, dict(table))
-        for module in model.modules()
-        for name, table in vars(module).items()
-        if not name.startswith("_") and isinstance(table, dict)
-    ]
+    saved = [(table, dict(table)) for table in module_dicts(model)]
     try:
         yield
     finally:

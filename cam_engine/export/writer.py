@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from .. import __version__, postprocess
 from ..engine import CAMEngine
+from ..graph import module_dicts
 from ..model import CAMModel
 from .atomic import replacing, sidecar
 from .graphs import GapCAM, PoolMLPGradCAM, Postprocess, find_pool_mlp
@@ -212,7 +213,8 @@ def _converted_copy(cam_model: CAMModel, *to_args) -> CAMModel:
 
 
 def _without_memos(model: nn.Module) -> dict[int, Any]:
-    """A ``copy.deepcopy`` memo that copies each module's own dicts without their tensors.
+    """A ``copy.deepcopy`` memo under which each module's own dicts
+    (:func:`cam_engine.graph.module_dicts`) are copied without their tensors.
 
     A tensor in a module's plain dict (timm LeViT / EfficientFormer's and Hugging Face LeViT's
     ``attention_bias_cache``) is a value the module memoised from its parameters: ``.to()`` does
@@ -220,13 +222,9 @@ def _without_memos(model: nn.Module) -> dict[int, Any]:
     refuses. The copy computes it again from its own weights when it needs it.
     """
     memo: dict[int, Any] = {}
-    for module in model.modules():
-        for name, table in vars(module).items():
-            if name.startswith("_") or not isinstance(table, dict):
-                continue  # parameters, buffers, submodules and hooks are copied as they are
-            if any(isinstance(value, Tensor) for value in table.values()):
-                kept = {key: value for key, value in table.items() if not isinstance(value, Tensor)}
-                memo[id(table)] = copy.deepcopy(kept, memo)
+    for table in module_dicts(model):
+        kept = {key: value for key, value in table.items() if not isinstance(value, Tensor)}
+        memo[id(table)] = copy.deepcopy(kept, memo)
     return memo
 
 
