@@ -6,6 +6,7 @@ The full zoo (the smallest variant of every family) is ``scripts/check_zoo.py``.
 
 from __future__ import annotations
 
+import copy
 import functools
 import warnings
 
@@ -266,3 +267,44 @@ def test_to_onnx_on_a_model_whose_cache_holds_autograd_values_leaves_it_untouche
     expected = pgc_raw("gradcam", twin, "stages", x[:1], res.classes[:, 0], transform).relu()
     assert expected.amax() > 0
     assert_close(res.heatmaps[:, 0].double(), expected, rtol=0, atol=1e-5 * expected.max().item())
+
+
+class Cancelling(nn.Module):
+    """Conv -> ReLU -> pool -> MLP whose two layers cancel: ``fc2 fc1`` is O(1) while its
+    hidden units are ~1e3, so float32 logits carry ~5e-5 of rounding (HF LeViT at 224 px: 10%)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.act = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc1 = nn.Linear(4, 64)
+        self.fc2 = nn.Linear(64, 5)
+        generator = torch.Generator().manual_seed(0)
+        block = torch.rand(32, 4, generator=generator) * 1e3
+        rows = torch.randn(5, 32, generator=generator)
+        small = torch.randn(5, 32, generator=generator) / 1e3
+        with torch.no_grad():
+            self.fc1.weight.copy_(torch.cat([block, block]))
+            self.fc1.bias.zero_()
+            self.fc2.weight.copy_(torch.cat([rows, small - rows], 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.fc1(self.pool(self.act(self.conv(x))).flatten(1)).relu())
+
+
+def test_to_onnx_logits_are_checked_against_the_rounding_of_the_model_itself(tmp_path):
+    """The file's float32 logits may differ from the float64 engine by up to 4x what the
+    float32 PyTorch model does (as its maps may): float32 cannot round better."""
+    torch.manual_seed(0)
+    model = Cancelling().eval()
+    x = images(3, 16, seed=1).float()  # the self-check's first batch
+    with torch.no_grad():
+        exact = copy.deepcopy(model).double()(x.double())
+        own = (model(x).double() - exact).abs().max() / exact.abs().max().clamp_min(1)
+    assert own > 1e-5  # the model's own float32 error: a file may not be held to 1e-4 alone
+    path = tmp_path / "m.onnx"
+    result = ce.export.to_onnx(model, path, "act", method="gradcam", input_size=(16, 16))
+    assert result.metadata["head"] == "pool-mlp"
+    logits = next(v for k, v in result.errors.items() if k.startswith("logits"))
+    assert 1e-4 < logits <= 4 * own

@@ -32,9 +32,9 @@ from .options import ExportOptions
 __all__ = ["to_onnx", "ExportResult", "optimize"]
 
 _TOLERANCE = {False: 1e-4, True: 1e-2}  # fp16 -> max abs error of maps and relative of logits
-#: maps may differ from the float64 engine by this many times the error of the PyTorch engine
-#: run at the model's precision, when that error is above the tolerance: the file cannot round
-#: better than the arithmetic it runs in
+#: logits and maps may differ from the float64 engine by this many times the error of the
+#: PyTorch engine run at the model's precision, when that error is above the tolerance: the file
+#: cannot round better than the arithmetic it runs in
 _FLOOR_FACTOR = 4
 
 
@@ -105,8 +105,8 @@ def to_onnx(
     Raises:
         TypeError: ``options`` is not an :class:`ExportOptions`, or a setting is unknown.
         ValueError: unsupported head or method, bad settings, or a self-check above tolerance
-            (1e-4, 1e-2 for fp16; for heatmaps at least 4x the PyTorch engine's own error at
-            the model's precision), in which case nothing is written.
+            (1e-4, 1e-2 for fp16; for logits and heatmaps at least 4x the PyTorch engine's own
+            error at the model's precision), in which case nothing is written.
     """
     opts = ExportOptions.merged(options, settings)
     path = Path(path)
@@ -482,13 +482,16 @@ def _self_check(path: Path, cam_model: CAMModel, channels: int) -> dict[str, flo
                 f"the exported model could not be checked at {where}: {type(exc).__name__}: "
                 f"{exc}"
             ) from exc
+        own: dict[str, float] = {}
         for name, error in measured.items():
             errors[f"{name} ({where})"] = error
             limit, floor = (1 if name == "overlay" else tol), ""
-            if name == "heatmaps" and error > limit:
-                own = _engine_error(cam_model, engine, x, got["classes"], metadata)
-                limit = max(limit, _FLOOR_FACTOR * own)
-                floor = f" ({_FLOOR_FACTOR}x the model-precision engine's own error, {own:.3g})"
+            if name in ("logits", "heatmaps") and error > limit:
+                own = own or _engine_errors(cam_model, engine, x, got["classes"], metadata)
+                limit = max(limit, _FLOOR_FACTOR * own[name])
+                floor = (
+                    f" ({_FLOOR_FACTOR}x the model-precision engine's own error, {own[name]:.3g})"
+                )
             if error > limit:
                 raise ValueError(
                     f"the exported model differs from the PyTorch engine at {where}: {name} "
@@ -499,11 +502,12 @@ def _self_check(path: Path, cam_model: CAMModel, channels: int) -> dict[str, flo
     return errors
 
 
-def _engine_error(
+def _engine_errors(
     cam_model: CAMModel, reference: CAMEngine, x: Tensor, classes: Tensor, metadata: CAMMetadata
-) -> float:
-    """The heatmaps error (:func:`compare`) of the PyTorch engine itself at the model's own
-    precision: the floor that float32 rounding of large activations sets for the file too."""
+) -> dict[str, float]:
+    """The logits and heatmaps errors (:func:`compare`) of the PyTorch engine itself at the
+    model's own precision: the floor that float32 rounding of large activations (or of logits
+    that cancel) sets for the file too."""
     device = next(cam_model.model.parameters()).device
     own = CAMEngine(cam_model, method=metadata.method)(
         _in_model_dtype(cam_model, x.to(device)), classes.to(device)
@@ -514,7 +518,7 @@ def _engine_error(
     if metadata.normalize:
         maps = postprocess.normalize(maps)
     got = {"logits": own.logits.double().cpu(), "classes": classes, "heatmaps": maps.cpu()}
-    return compare(got, reference, x, metadata)["heatmaps"]
+    return compare(got, reference, x, metadata)
 
 
 def compare(
