@@ -134,13 +134,14 @@ def test_hf_resnet_default_is_the_last_stage_and_matches_pytorch_grad_cam():
     tensor as its last stage: the default is named by the stage, which returns the tensor."""
     torch.manual_seed(0)
     config = transformers.ResNetConfig(
-        num_labels=10, embedding_size=8, hidden_sizes=[8, 16, 32, 64], depths=[1, 1, 1, 1]
-    )
-    model = calibrate_bn(transformers.ResNetForImageClassification(config).double(), images(4))
-    engine = ce.CAMEngine(model, None, "gradcam", output="logits", input_size=(64, 64))
-    layer = "resnet.encoder.stages.3"
+        num_labels=10, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1]
+    )  # two stages: a 4x4 map at 32 px
+    hf = transformers.ResNetForImageClassification(config).double()
+    model = calibrate_bn(hf, images(4, 32))
+    engine = ce.CAMEngine(model, None, "gradcam", output="logits", input_size=(32, 32))
+    layer = "resnet.encoder.stages.1"
     assert (engine.target_layer, engine.split_kind) == (layer, "export")
-    assert_matches_pgc(Logits(model), engine, f"model.{layer}", images(2, 64))
+    assert_matches_pgc(Logits(model), engine, f"model.{layer}", images(2, 32))
 
 
 def small_levit(size: int = 64) -> nn.Module:
