@@ -49,7 +49,16 @@ from torchvision.models.feature_extraction import NodePathTracer
 
 from .layers import unknown_layer_error
 
-__all__ = ["Graph", "Split", "TRACE_LOCK", "trace", "tracing", "split", "find_module_output"]
+__all__ = [
+    "Graph",
+    "Split",
+    "TRACE_LOCK",
+    "trace",
+    "tracing",
+    "split",
+    "find_module_output",
+    "module_dicts",
+]
 
 #: held while this process traces a model with torch.fx or torch.export (see :func:`tracing`)
 TRACE_LOCK = threading.RLock()
@@ -161,6 +170,8 @@ class Graph:
             names and torchvision's qualified node names).
         module_names: the dotted names of the modules whose output is a node of the graph.
         repeated: modules that run more than once per forward -> the names of each call.
+        structured: modules whose output holds their node's value in a structure (a Hugging
+            Face encoder's ``ModelOutput``): accepted names, but not the names given to a map.
     """
 
     module: fx.GraphModule
@@ -168,6 +179,7 @@ class Graph:
     names: dict[str, fx.Node]
     module_names: list[str] = field(default_factory=list)
     repeated: dict[str, list[str]] = field(default_factory=dict)
+    structured: set[str] = field(default_factory=set)
 
     def node(self, name: str) -> fx.Node:
         if name not in self.names:
@@ -181,9 +193,13 @@ class Graph:
         return self.names[name]
 
     def name_of(self, node: fx.Node) -> str:
-        """The outermost module name computing ``node``, else its FX node name."""
+        """The outermost module name computing ``node``, else its FX node name.
+
+        A module returning the value as a tensor comes first: that is the module hooks
+        (pytorch-grad-cam's) can take (``resnet.encoder.stages.3``, not ``resnet.encoder``).
+        """
         modules = [m for m in self.module_names if self.names[m] is node]
-        return min(modules, key=lambda m: m.count(".")) if modules else node.name
+        return min(modules, key=lambda m: (m in self.structured, m.count(".")), default=node.name)
 
 
 def _defaults(model: nn.Module) -> dict[str, Any]:
@@ -218,7 +234,8 @@ def _trace_fx(model: nn.Module, inside: str | None) -> Graph:
 
 
 def _module_tree_copy(model: nn.Module) -> nn.Module:
-    """``model`` with each module object copied, its parameters, buffers and hooks shared.
+    """``model`` with each module object copied, its parameters, buffers and hooks shared (a
+    forward hook added to a copy stays off ``model``).
 
     Non-strict ``torch.export`` swaps a module's parameters and buffers for fake tensors while
     it traces; on a copy of the module tree, other threads running ``model`` keep the real ones.
@@ -230,6 +247,7 @@ def _module_tree_copy(model: nn.Module) -> nn.Module:
             twin = copies[id(module)] = copy.copy(module)
             twin._parameters = dict(module._parameters)
             twin._buffers = dict(module._buffers)
+            twin._forward_hooks = type(module._forward_hooks)(module._forward_hooks)
             twin._modules = {
                 name: None if child is None else copy_tree(child)
                 for name, child in module._modules.items()
@@ -241,9 +259,9 @@ def _module_tree_copy(model: nn.Module) -> nn.Module:
 
 def _trace_export(model: nn.Module, example: Tensor) -> Graph:
     batch = torch.export.Dim("batch", min=1)
-    program = torch.export.export(
-        _module_tree_copy(model), (example,), dynamic_shapes=({0: batch},), strict=False
-    )
+    twin = _module_tree_copy(model)
+    with _tensor_returning(twin) as returns_tensor:
+        program = torch.export.export(twin, (example,), dynamic_shapes=({0: batch},), strict=False)
     gm = program.module()
     nodes = [n for n in gm.graph.nodes if n.op not in ("placeholder", "output")]
     members: dict[str, set[fx.Node]] = {}
@@ -258,11 +276,45 @@ def _trace_export(model: nn.Module, example: Tensor) -> Graph:
         if path and escaping:
             names[path] = escaping[-1]
             module_names.append(path)
-    return Graph(gm, "export", names, module_names)
+    structured = {path for path in module_names if path not in returns_tensor}
+    return Graph(gm, "export", names, module_names, structured=structured)
+
+
+@contextlib.contextmanager
+def _tensor_returning(twin: nn.Module) -> Iterator[set[str]]:
+    """The names of ``twin``'s modules whose call returned a tensor, filled as it runs.
+
+    ``twin`` is a :func:`_module_tree_copy`: the recording hooks go on its own hook tables.
+    """
+    paths: dict[nn.Module, list[str]] = {}
+    for path, module in twin.named_modules(remove_duplicate=False):
+        paths.setdefault(module, []).append(path)  # a module used in several places: each name
+    found: set[str] = set()
+
+    def record(module: nn.Module, args: Any, output: Any) -> None:
+        if isinstance(output, Tensor):
+            found.update(paths[module])
+
+    handles = [module.register_forward_hook(record) for module in paths]
+    try:
+        yield found
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 #: the tracers :func:`trace` tries, in order
 TRACERS = ("fx", "export")
+
+
+def module_dicts(model: nn.Module) -> Iterator[dict]:
+    """The dicts ``model``'s modules keep as public attributes of their own: where a module
+    memoises values (timm LeViT / EfficientFormer's ``attention_bias_cache``). Parameters,
+    buffers, submodules and hooks (the ``_``-prefixed tables) are not among them."""
+    for module in model.modules():
+        for name, table in vars(module).items():
+            if not name.startswith("_") and isinstance(table, dict):
+                yield table
 
 
 @contextlib.contextmanager
@@ -273,12 +325,7 @@ def _model_state_kept(model: nn.Module) -> Iterator[None]:
     ``attention_bias_cache``) would otherwise keep the tracer's proxy or fake tensor: the next
     trace or the user's next ``model(x)`` then reads a value of a graph that no longer exists.
     """
-    saved = [
-        (table, dict(table))
-        for module in model.modules()
-        for name, table in vars(module).items()
-        if not name.startswith("_") and isinstance(table, dict)
-    ]
+    saved = [(table, dict(table)) for table in module_dicts(model)]
     try:
         yield
     finally:

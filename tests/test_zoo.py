@@ -6,12 +6,13 @@ The full zoo (the smallest variant of every family) is ``scripts/check_zoo.py``.
 
 from __future__ import annotations
 
+import copy
 import functools
 import warnings
 
 import pytest
 import torch
-from conftest import images
+from conftest import calibrate_bn, images
 from test_methods import pgc_raw
 from torch import Tensor, nn
 from torch.testing import assert_close
@@ -128,12 +129,27 @@ def test_hf_vit_keeps_its_output_keys_and_matches_pytorch_grad_cam():
     assert_matches_pgc(Logits(model), engine, f"model.{layer}", x, tokens_to_nchw)
 
 
-def small_levit() -> nn.Module:
-    """timm LeViT with one 1-block stage on 64 px (4x4 tokens); its attention memoises its
-    biases in ``attention_bias_cache`` on the first eval forward."""
+def test_hf_resnet_default_is_the_last_stage_and_matches_pytorch_grad_cam():
+    """The encoder returns a ``ModelOutput`` (pytorch-grad-cam cannot hook it) holding the same
+    tensor as its last stage: the default is named by the stage, which returns the tensor."""
+    torch.manual_seed(0)
+    config = transformers.ResNetConfig(
+        num_labels=10, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1]
+    )  # two stages: a 4x4 map at 32 px
+    hf = transformers.ResNetForImageClassification(config).double()
+    model = calibrate_bn(hf, images(4, 32))
+    engine = ce.CAMEngine(model, None, "gradcam", output="logits", input_size=(32, 32))
+    layer = "resnet.encoder.stages.1"
+    assert (engine.target_layer, engine.split_kind) == (layer, "export")
+    assert_matches_pgc(Logits(model), engine, f"model.{layer}", images(2, 32))
+
+
+def small_levit(size: int = 64) -> nn.Module:
+    """timm LeViT with one 1-block stage on ``size`` px (4x4 tokens at 64 px); its attention
+    memoises its biases in ``attention_bias_cache`` on the first eval forward."""
     torch.manual_seed(0)
     model = timm.models.levit.Levit(
-        img_size=64, num_classes=10, embed_dim=(32,), key_dim=8, depth=(1,), num_heads=(2,)
+        img_size=size, num_classes=10, embed_dim=(32,), key_dim=8, depth=(1,), num_heads=(2,)
     )
     return model.double().eval()
 
@@ -221,3 +237,75 @@ def test_a_map_whose_grid_misfits_the_image_warns():
 )
 def test_which_maps_fit_a_64_px_image(shape, fits):
     assert ce.layers.map_fits(shape, (64, 64)) is fits
+
+
+def test_to_onnx_on_a_model_whose_cache_holds_autograd_values_leaves_it_untouched(tmp_path):
+    """timm LeViT's first forward with autograd memoises a non-leaf tensor (its attention
+    biases gathered from a parameter), which ``copy.deepcopy`` refuses: the export's converted
+    copies must leave such memos out (and recompute them), and the user's stay as they were."""
+    model = small_levit(32).float()
+    x = images(2, 32).float()
+    expected = model(x)  # with autograd on
+    caches = [m.attention_bias_cache for m in model.modules() if hasattr(m, "attention_bias_cache")]
+    memo = [dict(cache) for cache in caches]
+    values = [value for cache in memo for value in cache.values()]
+    assert values and not any(value.is_leaf for value in values)
+    path = tmp_path / "levit.onnx"
+    result = ce.export.to_onnx(  # one batch size: a dynamic one costs export time only
+        model, path, method="gradcam", input_size=(32, 32), dynamic_batch=False,
+        upsample=False, normalize=False,
+    )  # fmt: skip
+    assert result.metadata["head"] == "head-vjp" and result.errors  # self-checked in ORT
+    assert all(  # the same tensors, neither copies nor recomputed ones
+        cache.keys() == kept.keys() and all(cache[k] is kept[k] for k in kept)
+        for cache, kept in zip(caches, memo, strict=True)
+    )
+    with torch.no_grad():
+        assert_close(model(x), expected.detach())
+    res = ce.export.OrtCAM(path)(x[:1])  # the file's raw maps against pytorch-grad-cam's
+    transform = functools.partial(tokens_to_nchw, prefix=0)  # 2x2 tokens, no class token
+    twin = small_levit(32).float()  # the same weights, its own memo
+    expected = pgc_raw("gradcam", twin, "stages", x[:1], res.classes[:, 0], transform).relu()
+    assert expected.amax() > 0
+    assert_close(res.heatmaps[:, 0].double(), expected, rtol=0, atol=1e-5 * expected.max().item())
+
+
+class Cancelling(nn.Module):
+    """Conv -> ReLU -> pool -> MLP whose two layers cancel: ``fc2 fc1`` is O(1) while its
+    hidden units are ~1e3, so float32 logits carry ~5e-5 of rounding (HF LeViT at 224 px: 10%)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.act = nn.ReLU()
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc1 = nn.Linear(4, 64)
+        self.fc2 = nn.Linear(64, 5)
+        generator = torch.Generator().manual_seed(0)
+        block = torch.rand(32, 4, generator=generator) * 1e3
+        rows = torch.randn(5, 32, generator=generator)
+        small = torch.randn(5, 32, generator=generator) / 1e3
+        with torch.no_grad():
+            self.fc1.weight.copy_(torch.cat([block, block]))
+            self.fc1.bias.zero_()
+            self.fc2.weight.copy_(torch.cat([rows, small - rows], 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.fc1(self.pool(self.act(self.conv(x))).flatten(1)).relu())
+
+
+def test_to_onnx_logits_are_checked_against_the_rounding_of_the_model_itself(tmp_path):
+    """The file's float32 logits may differ from the float64 engine by up to 4x what the
+    float32 PyTorch model does (as its maps may): float32 cannot round better."""
+    torch.manual_seed(0)
+    model = Cancelling().eval()
+    x = images(3, 16, seed=1).float()  # the self-check's first batch
+    with torch.no_grad():
+        exact = copy.deepcopy(model).double()(x.double())
+        own = (model(x).double() - exact).abs().max() / exact.abs().max().clamp_min(1)
+    assert own > 1e-5  # the model's own float32 error: a file may not be held to 1e-4 alone
+    path = tmp_path / "m.onnx"
+    result = ce.export.to_onnx(model, path, "act", method="gradcam", input_size=(16, 16))
+    assert result.metadata["head"] == "pool-mlp"
+    logits = next(v for k, v in result.errors.items() if k.startswith("logits"))
+    assert 1e-4 < logits <= 4 * own

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from .. import __version__, postprocess
 from ..engine import CAMEngine
+from ..graph import module_dicts
 from ..model import CAMModel
 from .atomic import replacing, sidecar
 from .graphs import GapCAM, PoolMLPGradCAM, Postprocess, find_pool_mlp
@@ -31,9 +32,9 @@ from .options import ExportOptions
 __all__ = ["to_onnx", "ExportResult", "optimize"]
 
 _TOLERANCE = {False: 1e-4, True: 1e-2}  # fp16 -> max abs error of maps and relative of logits
-#: maps may differ from the float64 engine by this many times the error of the PyTorch engine
-#: run at the model's precision, when that error is above the tolerance: the file cannot round
-#: better than the arithmetic it runs in
+#: logits and maps may differ from the float64 engine by this many times the error of the
+#: PyTorch engine run at the model's precision, when that error is above the tolerance: the file
+#: cannot round better than the arithmetic it runs in
 _FLOOR_FACTOR = 4
 
 
@@ -104,8 +105,8 @@ def to_onnx(
     Raises:
         TypeError: ``options`` is not an :class:`ExportOptions`, or a setting is unknown.
         ValueError: unsupported head or method, bad settings, or a self-check above tolerance
-            (1e-4, 1e-2 for fp16; for heatmaps at least 4x the PyTorch engine's own error at
-            the model's precision), in which case nothing is written.
+            (1e-4, 1e-2 for fp16; for logits and heatmaps at least 4x the PyTorch engine's own
+            error at the model's precision), in which case nothing is written.
     """
     opts = ExportOptions.merged(options, settings)
     path = Path(path)
@@ -200,8 +201,8 @@ def _cam_model(model, target_layer, output, input_size) -> CAMModel:
 
 def _converted_copy(cam_model: CAMModel, *to_args) -> CAMModel:
     """A copy moved by ``nn.Module.to(*to_args)``, split at the same layer (the caller's model
-    is left as it is)."""
-    moved = copy.deepcopy(cam_model.model).to(*to_args)
+    is left as it is), without what the modules memoised (:func:`_without_memos`)."""
+    moved = copy.deepcopy(cam_model.model, _without_memos(cam_model.model)).to(*to_args)
     return CAMModel(
         moved,
         cam_model.target_layer,
@@ -209,6 +210,22 @@ def _converted_copy(cam_model: CAMModel, *to_args) -> CAMModel:
         input_size=cam_model.input_size,
         channels_last=False,
     )
+
+
+def _without_memos(model: nn.Module) -> dict[int, Any]:
+    """A ``copy.deepcopy`` memo under which each module's own dicts
+    (:func:`cam_engine.graph.module_dicts`) are copied without their tensors.
+
+    A tensor in a module's plain dict (timm LeViT / EfficientFormer's and Hugging Face LeViT's
+    ``attention_bias_cache``) is a value the module memoised from its parameters: ``.to()`` does
+    not convert it, and one memoised while autograd was on is no graph leaf, which ``deepcopy``
+    refuses. The copy computes it again from its own weights when it needs it.
+    """
+    memo: dict[int, Any] = {}
+    for table in module_dicts(model):
+        kept = {key: value for key, value in table.items() if not isinstance(value, Tensor)}
+        memo[id(table)] = copy.deepcopy(kept, memo)
+    return memo
 
 
 def _graph(
@@ -465,13 +482,16 @@ def _self_check(path: Path, cam_model: CAMModel, channels: int) -> dict[str, flo
                 f"the exported model could not be checked at {where}: {type(exc).__name__}: "
                 f"{exc}"
             ) from exc
+        own: dict[str, float] = {}
         for name, error in measured.items():
             errors[f"{name} ({where})"] = error
             limit, floor = (1 if name == "overlay" else tol), ""
-            if name == "heatmaps" and error > limit:
-                own = _engine_error(cam_model, engine, x, got["classes"], metadata)
-                limit = max(limit, _FLOOR_FACTOR * own)
-                floor = f" ({_FLOOR_FACTOR}x the model-precision engine's own error, {own:.3g})"
+            if name in ("logits", "heatmaps") and error > limit:
+                own = own or _engine_errors(cam_model, engine, x, got["classes"], metadata)
+                limit = max(limit, _FLOOR_FACTOR * own[name])
+                floor = (
+                    f" ({_FLOOR_FACTOR}x the model-precision engine's own error, {own[name]:.3g})"
+                )
             if error > limit:
                 raise ValueError(
                     f"the exported model differs from the PyTorch engine at {where}: {name} "
@@ -482,11 +502,12 @@ def _self_check(path: Path, cam_model: CAMModel, channels: int) -> dict[str, flo
     return errors
 
 
-def _engine_error(
+def _engine_errors(
     cam_model: CAMModel, reference: CAMEngine, x: Tensor, classes: Tensor, metadata: CAMMetadata
-) -> float:
-    """The heatmaps error (:func:`compare`) of the PyTorch engine itself at the model's own
-    precision: the floor that float32 rounding of large activations sets for the file too."""
+) -> dict[str, float]:
+    """The logits and heatmaps errors (:func:`compare`) of the PyTorch engine itself at the
+    model's own precision: the floor that float32 rounding of large activations (or of logits
+    that cancel) sets for the file too."""
     device = next(cam_model.model.parameters()).device
     own = CAMEngine(cam_model, method=metadata.method)(
         _in_model_dtype(cam_model, x.to(device)), classes.to(device)
@@ -497,7 +518,7 @@ def _engine_error(
     if metadata.normalize:
         maps = postprocess.normalize(maps)
     got = {"logits": own.logits.double().cpu(), "classes": classes, "heatmaps": maps.cpu()}
-    return compare(got, reference, x, metadata)["heatmaps"]
+    return compare(got, reference, x, metadata)
 
 
 def compare(
