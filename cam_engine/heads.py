@@ -29,6 +29,7 @@ __all__ = [
     "GapLinear",
     "find_gap_linear",
     "gap_linear_refusal",
+    "gap_linear_message",
     "HeadOp",
     "HeadChain",
     "read_head",
@@ -209,6 +210,22 @@ def gap_linear_refusal(head: fx.GraphModule) -> str | None:
     that breaks it, in words), or ``None`` when it finds one."""
     found = _gap_linear(read_head(head))
     return None if isinstance(found, GapLinear) else found
+
+
+def gap_linear_message(head: fx.GraphModule | None, target_layer: str, method: str) -> str:
+    """The refusal of ``method`` (one that needs a global-average-pool -> linear head) after
+    ``target_layer``, naming what breaks the form in ``head`` (``None``: a hook capture, no
+    graph to read); the engine and the ONNX export both raise it."""
+    reason = None if head is None else gap_linear_refusal(head)
+    why = (
+        "this model's is not (or dropout is active, or the pooling does not cover the whole map)"
+        if reason is None
+        else f"this model's is not: {reason}"
+    )
+    return (
+        f"method {method!r} needs a head that is global average pooling -> (flatten / dropout) "
+        f"-> linear after {target_layer!r}, and {why}; use method='gradcam'"
+    )
 
 
 def _gap_linear(chain: HeadChain) -> GapLinear | str:

@@ -211,11 +211,16 @@ class _PoolMLPNet(TimmHeadNet):
     ],
     ids=["permute", "mlp"],
 )
-def test_heads_that_are_not_gap_linear_are_refused_with_the_op(cls, layer, why):
+def test_heads_that_are_not_gap_linear_are_refused_with_the_op(cls, layer, why, tmp_path):
     model = _seeded(cls)
-    with pytest.raises(ValueError, match="global average pooling.*this model's is not: .*" + why):
+    with pytest.raises(
+        ValueError, match="global average pooling.*this model's is not: .*" + why
+    ) as engine_error:
         ce.CAMEngine(model, layer, "cam", input_size=(64, 64))
     assert ce.CAMEngine(model, layer, input_size=(64, 64))(images(2, 64)).cams.shape[0] == 2
+    with pytest.raises(ValueError) as export_error:  # the export says the same
+        to_onnx(model.float(), tmp_path / "m.onnx", layer, method="cam", input_size=(64, 64))
+    assert str(export_error.value) == str(engine_error.value)
 
 
 # --- timm Swin and a Hugging Face ResNet (torch.export split) -----------------------------------
