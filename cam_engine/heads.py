@@ -33,6 +33,7 @@ __all__ = [
     "HeadOp",
     "HeadChain",
     "read_head",
+    "pair",
 ]
 
 
@@ -162,7 +163,7 @@ class GapLinear:
             return False  # the head's permute / mean dims were read for 4-d maps
         size = tuple(self._spatial(features)[-2:])
         pools_global = all(
-            _pair(p.kernel_size) == size and _pair(p.padding) == (0, 0) for p in self.avg_pools
+            pair(p.kernel_size) == size and pair(p.padding) == (0, 0) for p in self.avg_pools
         )
         return pools_global and not any(d.training and d.p > 0 for d in self.dropouts)
 
@@ -277,7 +278,9 @@ def _read_op(
     return None
 
 
-def _pair(value: int | tuple[int, ...]) -> tuple[int, ...]:
+def pair(value: int | None | tuple | list) -> tuple:
+    """A 2-d size argument of torch.nn (``kernel_size``, ``padding``, ``output_size``) per
+    dimension: a tuple or list as it is, a single value repeated for (h, w)."""
     return tuple(value) if isinstance(value, tuple | list) else (value, value)
 
 

@@ -23,6 +23,7 @@ from torchvision.ops.misc import Permute
 
 import cam_engine as ce
 from cam_engine.export import OrtCAM, to_onnx
+from cam_engine.heads import pair
 
 F32 = torch.float32
 
@@ -165,6 +166,13 @@ def test_cam_on_gap_linear_heads(cls, args, nchw):
     model, x = _seeded(cls, *args), images(2, (32, 48))
     layer = "norm" if nchw else "stem"
     assert_cam_is_closed_form(model, layer, x, nchw or (lambda t: t), nchw)
+
+
+def test_pair_reads_torch_size_arguments_per_dimension():
+    # nn.AvgPool2d(3).kernel_size is 3, nn.AdaptiveAvgPool2d((1, None)).output_size a tuple
+    assert pair(nn.AvgPool2d(3).kernel_size) == (3, 3)
+    assert pair(nn.AdaptiveAvgPool2d((1, None)).output_size) == (1, None)
+    assert pair([2, 4]) == (2, 4)
 
 
 def test_channels_last_gradients_are_in_the_layers_layout():
