@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from .engine import CAMEngine
+from .layers import layer_name
 from .postprocess import colormap_lut
 from .targets import Resolved, SoftmaxScore, Target, Targets
 
@@ -139,15 +140,6 @@ def engine_targets(targets: Sequence[Callable[[Tensor], Tensor]] | None, batch: 
     return _PerImage(targets)
 
 
-def _layer_names(model: nn.Module, target_layers: Sequence[nn.Module]) -> list[str]:
-    """Dotted names of ``target_layers``, found in ``model`` by identity."""
-    names = {id(m): n for n, m in model.named_modules()}
-    missing = [type(m).__name__ for m in target_layers if id(m) not in names]
-    if missing:
-        raise ValueError(f"target_layers must be modules of the model; not found: {missing}")
-    return [names[id(m)] for m in target_layers]
-
-
 class BaseCAM:
     """A pytorch-grad-cam method object running on :class:`cam_engine.CAMEngine`.
 
@@ -174,7 +166,7 @@ class BaseCAM:
     ) -> None:
         self.model = model.eval()
         self.target_layers = list(target_layers)
-        self._layers = _layer_names(model, self.target_layers)
+        self._layers = [layer_name(model, layer) for layer in self.target_layers]
         layer, method_options = self._engine_layers(self._layers)
         if base_method is not None:
             if base_method.__name__ not in METHODS:

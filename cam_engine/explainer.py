@@ -22,7 +22,7 @@ from torch.profiler import record_function
 
 from . import postprocess
 from .gradients import ForwardRecord, explained_gradients, forward_record
-from .heads import gap_linear_refusal
+from .heads import gap_linear_message
 from .layout import Reshape, gradients_to_nchw, to_nchw
 from .methods import Context, Method, MethodOptions
 from .model import CAMModel, select_output
@@ -226,18 +226,8 @@ class LayerExplainer:
     def no_gap_message(self) -> str:
         """Why ``method="cam"`` (a method that needs a GAP -> linear head) cannot run here."""
         split = self.cam_model.current().split
-        reason = None if split is None else gap_linear_refusal(split.head)
-        why = (
-            "this model's is not (or dropout is active, or the pooling does not cover the whole "
-            "map)"
-            if reason is None
-            else f"this model's is not: {reason}"
-        )
-        return (
-            f"method {self.method.name!r} needs a head that is global average pooling -> "
-            f"(flatten / dropout) -> linear after {self.cam_model.target_layer!r}, and {why}; "
-            "use method='gradcam'"
-        )
+        head = None if split is None else split.head
+        return gap_linear_message(head, self.cam_model.target_layer, self.method.name)
 
     def _layout(self, x: Tensor) -> Reshape:
         """The target map's layout for images ``x``: ``reshape`` when given, else ``"swin"``

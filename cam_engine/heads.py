@@ -29,9 +29,11 @@ __all__ = [
     "GapLinear",
     "find_gap_linear",
     "gap_linear_refusal",
+    "gap_linear_message",
     "HeadOp",
     "HeadChain",
     "read_head",
+    "pair",
 ]
 
 
@@ -161,7 +163,7 @@ class GapLinear:
             return False  # the head's permute / mean dims were read for 4-d maps
         size = tuple(self._spatial(features)[-2:])
         pools_global = all(
-            _pair(p.kernel_size) == size and _pair(p.padding) == (0, 0) for p in self.avg_pools
+            pair(p.kernel_size) == size and pair(p.padding) == (0, 0) for p in self.avg_pools
         )
         return pools_global and not any(d.training and d.p > 0 for d in self.dropouts)
 
@@ -209,6 +211,22 @@ def gap_linear_refusal(head: fx.GraphModule) -> str | None:
     that breaks it, in words), or ``None`` when it finds one."""
     found = _gap_linear(read_head(head))
     return None if isinstance(found, GapLinear) else found
+
+
+def gap_linear_message(head: fx.GraphModule | None, target_layer: str, method: str) -> str:
+    """The refusal of ``method`` (one that needs a global-average-pool -> linear head) after
+    ``target_layer``, naming what breaks the form in ``head`` (``None``: a hook capture, no
+    graph to read); the engine and the ONNX export both raise it."""
+    reason = None if head is None else gap_linear_refusal(head)
+    why = (
+        "this model's is not (or dropout is active, or the pooling does not cover the whole map)"
+        if reason is None
+        else f"this model's is not: {reason}"
+    )
+    return (
+        f"method {method!r} needs a head that is global average pooling -> (flatten / dropout) "
+        f"-> linear after {target_layer!r}, and {why}; use method='gradcam'"
+    )
 
 
 def _gap_linear(chain: HeadChain) -> GapLinear | str:
@@ -260,7 +278,9 @@ def _read_op(
     return None
 
 
-def _pair(value: int | tuple[int, ...]) -> tuple[int, ...]:
+def pair(value: int | None | tuple | list) -> tuple:
+    """A 2-d size argument of torch.nn (``kernel_size``, ``padding``, ``output_size``) per
+    dimension: a tuple or list as it is, a single value repeated for (h, w)."""
     return tuple(value) if isinstance(value, tuple | list) else (value, value)
 
 

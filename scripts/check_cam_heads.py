@@ -26,6 +26,7 @@ import transformers as hf
 from torch import nn
 
 import cam_engine as ce
+from cam_engine.bench.models import calibrate_batchnorm, randomise_zero_linears
 from cam_engine.export import to_onnx
 
 
@@ -121,19 +122,10 @@ def _calibrated(model: nn.Module) -> nn.Module:
     """The model in eval mode with activations of order one, so that maps are not all zero.
 
     Random-init BatchNorm statistics (0, 1) do not fit the activations, which vanish layer after
-    layer (HF MobileViT's last map is exactly zero); one train-mode batch sets them (as
-    tests/conftest.py's ``calibrate_bn``). A zero-initialised classifier gets random rows.
+    layer (HF MobileViT's last map is exactly zero); one train-mode batch sets them. A
+    zero-initialised classifier gets random rows.
     """
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.reset_running_stats()
-            module.momentum = None
-        if isinstance(module, nn.Linear) and not module.weight.any():
-            nn.init.normal_(module.weight, std=0.02)
-    model.train()
-    with torch.no_grad():
-        model(torch.randn(8, 3, SIZE, SIZE))
-    return model.eval()
+    return calibrate_batchnorm(randomise_zero_linears(model), torch.randn(8, 3, SIZE, SIZE))
 
 
 def check(name: str, export: bool) -> str:

@@ -20,10 +20,10 @@ import pytorch_grad_cam as pgc
 import torch
 import torch.nn.functional as F
 from pytorch_grad_cam.utils.model_targets import FasterRCNNBoxScoreTarget
-from torch import nn
 from torchvision.models import detection
 
 import cam_engine as ce
+from cam_engine.bench.models import calibrate_batchnorm
 from cam_engine.detection import detector
 
 
@@ -51,19 +51,6 @@ def _builders(size: int) -> dict:
     }
 
 
-def _calibrate(model: nn.Module, size: int) -> None:
-    """BatchNorm statistics of one batch in the backbone (random init: O(1) activations)."""
-    backbone = model.backbone
-    for module in backbone.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.reset_running_stats()
-            module.momentum = None
-    backbone.train()
-    with torch.no_grad():
-        backbone(torch.randn(4, 3, size, size))
-    backbone.eval()
-
-
 def _minmax(maps: torch.Tensor) -> torch.Tensor:
     """Min-max normalised maps; a flat one (all ReLU'd away) is zeros, as the engine's."""
     low = maps.amin((-2, -1), keepdim=True)
@@ -75,7 +62,7 @@ def check(name: str, size: int, dtype: torch.dtype) -> str:
     build, layer = _builders(size)[name]
     torch.manual_seed(0)
     model = build().eval()
-    _calibrate(model, size)
+    calibrate_batchnorm(model.backbone, torch.randn(4, 3, size, size))  # O(1) activations
     model = model.to(dtype)
     x = torch.rand(2, 3, size, size, dtype=dtype, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 import cam_engine as ce
+from cam_engine.bench.models import calibrate_batchnorm, randomise_zero_linears
 
 #: family -> (timm model, input size); 64 px with ``img_size=64`` where the model takes it
 TIMM = {
@@ -162,18 +163,6 @@ def build_hf(config: str, model: str, kwargs: dict) -> nn.Module:
     return getattr(transformers, model)(getattr(transformers, config)(num_labels=10, **kwargs))
 
 
-def calibrate(model: nn.Module, x: Tensor) -> nn.Module:
-    """BatchNorm statistics of one batch (random-init stats make maps vanish), then eval."""
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.reset_running_stats()
-            module.momentum = None
-    model.train()
-    with torch.no_grad():
-        model(x)
-    return model.eval()
-
-
 def pgc_error(model: nn.Module, layer: str, x: Tensor, res, size: int, hf: bool) -> str:
     """Max |engine - pytorch-grad-cam| of the Grad-CAM maps, relative to their max."""
     import pytorch_grad_cam as pgc
@@ -210,7 +199,7 @@ def pgc_error(model: nn.Module, layer: str, x: Tensor, res, size: int, hf: bool)
 def check(build: Callable[[], nn.Module], size: int, hf: bool, onnx: bool) -> list[str]:
     torch.manual_seed(0)
     x = torch.randn(2, 3, size, size)
-    model = calibrate(build(), torch.randn(4, 3, size, size))
+    model = calibrate_batchnorm(randomise_zero_linears(build()), torch.randn(4, 3, size, size))
     output = "logits" if hf else None
     engine = ce.CAMEngine(model, None, "gradcam", output=output, input_size=(size, size))
     layer = engine.target_layer

@@ -8,28 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 import torchvision
-from torch import nn
+
+from cam_engine.bench.models import calibrate_batchnorm as calibrate_bn
+from cam_engine.bench.models import randomise_zero_linears
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # `make test` runs two pytest-xdist workers on a 2-core machine: one torch thread each (two
     # each would make four threads wait on each other at every OpenMP barrier)
     torch.set_num_threads(1)
-
-
-def calibrate_bn(model: nn.Module, x: torch.Tensor) -> nn.Module:
-    """Give a random-init model O(1) activations: BatchNorm statistics of one batch, then eval.
-
-    Random-init torchvision models have running stats (0, 1) that do not fit their activations,
-    so maps vanish (~1e-13). Cumulative statistics (momentum=None) of one train-mode pass fix it.
-    """
-    for module in model.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.reset_running_stats()
-            module.momentum = None
-    model.train()
-    with torch.no_grad():
-        model(x)
-    return model.eval()
 
 
 def make_model(name: str, size: int = 64, dtype: torch.dtype = torch.float64, seed: int = 0):
@@ -41,8 +27,7 @@ def make_model(name: str, size: int = 64, dtype: torch.dtype = torch.float64, se
     if name.startswith(("vit", "swin", "maxvit")):
         kwargs = {"image_size": size} if name.startswith("vit") else {}
     model = getattr(torchvision.models, name)(weights=None, **kwargs).to(dtype)
-    if name.startswith("vit"):  # torchvision zero-initialises the ViT head: no gradient at all
-        nn.init.normal_(model.heads.head.weight, std=0.02)
+    randomise_zero_linears(model)  # torchvision's ViT head
     generator = torch.Generator().manual_seed(seed + 1)
     return calibrate_bn(model, torch.randn(8, 3, size, size, dtype=dtype, generator=generator))
 

@@ -13,6 +13,7 @@ from conftest import images
 
 pytest.importorskip("pytorch_grad_cam")
 
+import cam_engine as ce  # noqa: E402
 from cam_engine import compat  # noqa: E402
 
 PGC_IMPORTS = """
@@ -140,8 +141,11 @@ def test_pytorch_grad_cams_target_objects_are_accepted(resnet18):
 
 def test_bad_layers_and_targets_raise(resnet18):
     other = torch.nn.Conv2d(3, 3, 1)
-    with pytest.raises(ValueError, match="not found: \\['Conv2d'\\]"):
+    with pytest.raises(ValueError) as engine_error:
+        ce.CAMEngine(resnet18, other)
+    with pytest.raises(ValueError, match="a Conv2d that is not a module of this model") as error:
         compat.GradCAM(resnet18, [other])
+    assert str(error.value) == str(engine_error.value)  # one check, one message
     with pytest.raises(ValueError, match="target_layers is empty"):
         compat.GradCAM(resnet18, [])
     cam = compat.GradCAM(resnet18, [resnet18.layer4])

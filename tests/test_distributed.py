@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -225,6 +226,15 @@ def test_job_settings_bind_a_folder_once_it_has_outputs(tmp_path):
         store.start({"method": "cam", "targets": "top2"})
     store.start({"method": "cam", "targets": "top2"}, overwrite=True)
     assert not (tmp_path / "failures").exists()
+
+
+def test_the_store_docstring_names_the_csv_columns_written():
+    pytest.importorskip("pyarrow")
+    from cam_engine.distributed import store
+    from cam_engine.pipeline.outputs import PREDICTION_COLUMNS
+
+    assert re.search(r"predictions\.csv +" + ", ".join(PREDICTION_COLUMNS) + ":", store.__doc__)
+    assert re.search(r"skipped\.csv +image, reason\n", store.__doc__)
 
 
 def test_a_second_run_into_the_same_out_is_refused(images, tmp_path):

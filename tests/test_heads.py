@@ -23,6 +23,7 @@ from torchvision.ops.misc import Permute
 
 import cam_engine as ce
 from cam_engine.export import OrtCAM, to_onnx
+from cam_engine.heads import pair
 
 F32 = torch.float32
 
@@ -167,6 +168,13 @@ def test_cam_on_gap_linear_heads(cls, args, nchw):
     assert_cam_is_closed_form(model, layer, x, nchw or (lambda t: t), nchw)
 
 
+def test_pair_reads_torch_size_arguments_per_dimension():
+    # nn.AvgPool2d(3).kernel_size is 3, nn.AdaptiveAvgPool2d((1, None)).output_size a tuple
+    assert pair(nn.AvgPool2d(3).kernel_size) == (3, 3)
+    assert pair(nn.AdaptiveAvgPool2d((1, None)).output_size) == (1, None)
+    assert pair([2, 4]) == (2, 4)
+
+
 def test_channels_last_gradients_are_in_the_layers_layout():
     """The closed-form dScore/dA is laid out as the map (B, h, w, C), as autograd's is."""
     model, x = _seeded(NHWCPoolNet), images(2, (32, 48))
@@ -211,11 +219,16 @@ class _PoolMLPNet(TimmHeadNet):
     ],
     ids=["permute", "mlp"],
 )
-def test_heads_that_are_not_gap_linear_are_refused_with_the_op(cls, layer, why):
+def test_heads_that_are_not_gap_linear_are_refused_with_the_op(cls, layer, why, tmp_path):
     model = _seeded(cls)
-    with pytest.raises(ValueError, match="global average pooling.*this model's is not: .*" + why):
+    with pytest.raises(
+        ValueError, match="global average pooling.*this model's is not: .*" + why
+    ) as engine_error:
         ce.CAMEngine(model, layer, "cam", input_size=(64, 64))
     assert ce.CAMEngine(model, layer, input_size=(64, 64))(images(2, 64)).cams.shape[0] == 2
+    with pytest.raises(ValueError) as export_error:  # the export says the same
+        to_onnx(model.float(), tmp_path / "m.onnx", layer, method="cam", input_size=(64, 64))
+    assert str(export_error.value) == str(engine_error.value)
 
 
 # --- timm Swin and a Hugging Face ResNet (torch.export split) -----------------------------------

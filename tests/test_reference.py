@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import calibrate_bn
 from pytorch_grad_cam import GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
@@ -24,18 +25,6 @@ from cam_engine.reference import HookGradCAM, ReferenceResult, reference_cam, re
 # resnet18 / vgg11_bn -> 3x3 maps, upsampled x32: no output pixel centre lands on an interior
 # source pixel, so peaks are blurred and normalising after upsampling (not before) matters.
 SIZE = 96
-
-
-def calibrate_bn(model: nn.Module, x: torch.Tensor) -> nn.Module:
-    """Give a random-init model's BatchNorm layers real statistics so activations don't vanish."""
-    for m in model.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average: one batch sets the stats exactly
-    model.train()
-    with torch.no_grad():
-        model(x)
-    return model.eval()
 
 
 def _make(name: str) -> nn.Module:

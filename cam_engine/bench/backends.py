@@ -235,6 +235,7 @@ PGC_CLASSES = {
     "kpca-cam": "KPCA_CAM",
     "shapleycam": "ShapleyCAM",
     "finercam": "FinerCAM",
+    "segeigencam": "SegEigenCAM",
 }
 
 

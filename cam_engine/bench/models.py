@@ -22,6 +22,7 @@ __all__ = [
     "build_model",
     "calibrate_batchnorm",
     "example_batch",
+    "randomise_zero_linears",
 ]
 
 #: ``--autocast`` names and their dtypes
@@ -84,6 +85,19 @@ def calibrate_batchnorm(model: nn.Module, x: torch.Tensor) -> nn.Module:
     with torch.no_grad():
         model(x)
     return model.eval()
+
+
+def randomise_zero_linears(model: nn.Module, std: float = 0.02) -> nn.Module:
+    """Normal(0, ``std``) weights, from torch's global generator (seed it first), for every
+    ``nn.Linear`` of ``model`` whose weights are all zero; the others are left as they are.
+
+    torchvision's ViT and timm's Mixer, ResMLP and Hiera zero-initialise their classifier: at
+    random init no gradient reaches the features, and every Grad-CAM map is zero.
+    """
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and not module.weight.any():
+            nn.init.normal_(module.weight, std=std)
+    return model
 
 
 def build_model(spec: ModelSpec) -> nn.Module:

@@ -1,6 +1,6 @@
 """The output folder of a distributed run: every file written atomically, read back to resume.
 
-Layout of ``out/`` (pictures and the two CSV files as written by ``cam-engine explain``)::
+Layout of ``out/`` (pictures, CSV files and gallery as written by ``cam-engine explain``)::
 
     job.json                the settings the outputs depend on; a rerun must use the same ones
     shards/<id>.parquet     one per batch: image, class_id, class_name, score (lists of K),
@@ -8,9 +8,11 @@ Layout of ``out/`` (pictures and the two CSV files as written by ``cam-engine ex
     failures/<id>.parquet   one per batch with unreadable images: image, reason
                             (``image``: the output name, :func:`cam_engine.pipeline.output_name`)
     overlays/, sheets/      the pictures, ``<name>.<class_id>.png`` and ``<name>.png``
-                            (``name``: :func:`cam_engine.pipeline.outputs.picture_name`)``
-    predictions.csv         image, class_id, class_name, score: rows in the inputs' order
+                            (``name``: :func:`cam_engine.pipeline.outputs.picture_name`)
+    predictions.csv         image, class_id, class_name, score, picture: one row per explained
+                            class, in the inputs' order (``image``: the key; ``picture``: ``name``)
     skipped.csv             image, reason
+    index.html              the gallery of the pictures (``html`` in ``save``)
     .tmp/, .lock            files being written; the lock of the run writing
 
 The folder has one run at a time, is bound to its settings, and every file in it is written

@@ -25,7 +25,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..heads import read_head
+from ..heads import pair, read_head
 from ..model import CAMModel, select_output
 from ..postprocess import colormap_lut, normalize
 
@@ -187,16 +187,12 @@ def _conserves_gradient_sum(module: nn.Module) -> bool:
     if isinstance(module, nn.MaxPool2d | nn.AdaptiveAvgPool2d):
         return True  # max: all to the argmax; adaptive avg: 1/|bin| to each of |bin| inputs
     if isinstance(module, nn.AdaptiveMaxPool2d):
-        return tuple(_pair(module.output_size)) == (1, 1)  # a global max, exported as ReduceMax
+        return pair(module.output_size) == (1, 1)  # a global max, exported as ReduceMax
     if isinstance(module, nn.AvgPool2d):
         # a zero padding counted in the divisor takes its share of the gradient away
-        padded = _pair(module.padding) != (0, 0) and module.count_include_pad
+        padded = pair(module.padding) != (0, 0) and module.count_include_pad
         return not padded and module.divisor_override is None
     return False
-
-
-def _pair(value) -> tuple:
-    return tuple(value) if isinstance(value, tuple | list) else (value, value)
 
 
 def _has_derivative(activation: nn.Module) -> bool:
@@ -248,7 +244,7 @@ def _pooled_to_one(pools: list[nn.Module]) -> bool:
     """Whether the pooled map is 1x1 at every input size: the last pool is adaptive to 1x1."""
     last = pools[-1] if pools else None
     adaptive = isinstance(last, nn.AdaptiveAvgPool2d | nn.AdaptiveMaxPool2d)
-    return adaptive and _pair(last.output_size) == (1, 1)
+    return adaptive and pair(last.output_size) == (1, 1)
 
 
 def find_pool_mlp(head: fx.GraphModule) -> PoolMLP:
@@ -301,7 +297,7 @@ def adaptive_avg_pool(x: Tensor, output_size) -> Tensor:
     Both exporters bake a non-global adaptive pooling into a fixed kernel; these bin matrices
     are built from the input's shape in the graph instead.
     """
-    out_h, out_w = _pair(output_size)
+    out_h, out_w = pair(output_size)
     rows = _bins(x.shape[-2], out_h, x) if out_h is not None else None
     cols = _bins(x.shape[-1], out_w, x) if out_w is not None else None
     if rows is not None:

@@ -29,7 +29,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..layout import to_nchw
 from ..model import CAMModel, OutputSelector, select_output
-from .graphs import Postprocess, _bins, _CAMGraph, _pair, _top_classes, adaptive_avg_pool
+from .graphs import Postprocess, _bins, _CAMGraph, _top_classes, adaptive_avg_pool
 
 __all__ = ["MapLayout", "HeadGradCAM", "trace_head_gradient", "size_branches", "DECOMPOSITIONS"]
 
@@ -80,7 +80,7 @@ def _convolution_backward(
 #: matrices (the stock decomposition bakes the input size in)
 DECOMPOSITIONS: dict = {
     **core_aten_decompositions(),
-    aten._adaptive_avg_pool2d.default: lambda x, size: adaptive_avg_pool(x, _pair(size)),
+    aten._adaptive_avg_pool2d.default: adaptive_avg_pool,
     aten._adaptive_avg_pool2d_backward.default: _adaptive_avg_pool2d_backward,
     aten.convolution_backward.default: _convolution_backward,
 }

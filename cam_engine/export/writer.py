@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from .. import __version__, postprocess
 from ..engine import CAMEngine
 from ..graph import module_dicts
+from ..heads import gap_linear_message
 from ..model import CAMModel
 from .atomic import replacing, sidecar
 from .graphs import GapCAM, PoolMLPGradCAM, Postprocess, find_pool_mlp
@@ -239,11 +240,8 @@ def _graph(
     if gap is not None and gap.applies(features):
         return GapCAM(cam_model, method, topk, post).eval(), "gap-linear"
     if method == "cam":
-        raise ValueError(
-            f"method 'cam' needs a head that is global average pooling -> (flatten / dropout) "
-            f"-> linear after {cam_model.target_layer!r}, and this model's is not; "
-            "use method='gradcam'"
-        )
+        head_graph = None if built.split is None else built.split.head
+        raise ValueError(gap_linear_message(head_graph, cam_model.target_layer, method))
     try:
         head = find_pool_mlp(built.split.head)
     except ValueError:
