@@ -415,7 +415,6 @@ def ort_plain_file(case: Case) -> Path:
     return path
 
 
-
 def _ort_plain(case: Case) -> Prepared:
     """The plain ONNX model; on CUDA its input and logits stay in GPU memory, as ``ort-cam``'s."""
     from ..export.runtime import default_providers, run_bound

@@ -35,6 +35,7 @@ __all__ = [
     "peak_memory_cuda",
     "max_difference",
     "make_case",
+    "synchronize",
     "AllClasses",
     "run_all_classes",
 ]
@@ -102,7 +103,9 @@ def loadavg() -> tuple[float, float, float] | None:
         return None
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait until ``device`` has finished the work queued on it (CUDA; nothing to wait for on
+    the CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -125,7 +128,7 @@ def time_interleaved(
     for name in names:
         for _ in range(warmup):
             calls[name].run(x)
-    _sync(x.device)
+    synchronize(x.device)
     times: dict[str, list[float]] = {name: [] for name in names}
     rounds = tqdm(range(repeats), desc="timing", unit="round", disable=not progress, leave=False)
     for r in rounds:
@@ -133,10 +136,10 @@ def time_interleaved(
             ready = calls[name]
             ready.attach()
             try:
-                _sync(x.device)
+                synchronize(x.device)
                 start = time.perf_counter()
                 ready.call(x)
-                _sync(x.device)
+                synchronize(x.device)
                 times[name].append(time.perf_counter() - start)
             finally:
                 ready.detach()
@@ -154,13 +157,13 @@ def peak_memory_cuda(ready: bk.Prepared, x: torch.Tensor) -> int:
     """Bytes allocated by one call above what was allocated before it (CUDA caching allocator)."""
     ready.attach()
     try:
-        _sync(x.device)
+        synchronize(x.device)
         gc.collect()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(x.device)
         before = torch.cuda.memory_allocated(x.device)
         ready.call(x)
-        _sync(x.device)
+        synchronize(x.device)
         return torch.cuda.max_memory_allocated(x.device) - before
     finally:
         ready.detach()

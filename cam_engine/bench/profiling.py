@@ -24,6 +24,7 @@ from .. import postprocess
 from ..engine import CAMEngine
 from ..explainer import STAGES as ENGINE_STAGES
 from ..reference import HookGradCAM
+from .harness import synchronize
 
 __all__ = [
     "STAGES",
@@ -49,17 +50,12 @@ STAGES = (
 _BACKWARD_EVENT = "autograd::engine::evaluate_function"
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @contextmanager
 def _stage(label: str, device: torch.device) -> Iterator[None]:
     """A profiler range that ends only once the device has finished the stage's work."""
     with record_function(label):
         yield
-        _sync(device)
+        synchronize(device)
 
 
 @contextmanager
@@ -71,7 +67,7 @@ def labelled(module: nn.Module, label: str, device: torch.device) -> Iterator[No
         open_ranges.append(record_function(label).__enter__())
 
     def leave(_module: nn.Module, _args: object, _out: object) -> None:
-        _sync(device)
+        synchronize(device)
         open_ranges.pop().__exit__(None, None, None)
 
     handles = [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
