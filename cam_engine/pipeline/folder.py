@@ -188,8 +188,8 @@ class OutputFolder:
         """Write pictures (path relative to ``out``, picture) atomically, as PNG files, each at
         its :func:`~cam_engine.pipeline.outputs.compress_level`."""
         for name, picture in found:
-            level = compress_level(name)
-            self.replace(self.out / name, lambda temp, p=picture, z=level: save_png(temp, p, z))
+            options = {"compress_level": compress_level(name)}
+            self.replace(self.out / name, lambda temp, p=picture, o=options: save_png(temp, p, **o))
 
     def write_tables(
         self, keys: Sequence[str], explained: Mapping[str, dict], failed: Mapping[str, str]
