@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import os
 import resource
 import shutil
 import tempfile
@@ -77,14 +78,21 @@ def main() -> None:
 
         engine_alone(), job()  # warm-up
         for _ in range(args.rounds):
+            per_image = {}
             for name, call in (("engine alone", engine_alone), ("explain job", job)):
                 wall, cpu = time.perf_counter(), _cpu_s()
                 call()
                 wall, cpu = time.perf_counter() - wall, _cpu_s() - cpu
+                per_image[name] = cpu * 1000 / len(paths)
                 print(
                     f"{name}: {len(paths) / wall:.1f} images/s, "
-                    f"{cpu * 1000 / len(paths):.1f} CPU ms per image"
+                    f"{per_image[name]:.1f} CPU ms per image"
                 )
+            load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+            print(
+                f"engine / job (CPU): {per_image['engine alone'] / per_image['explain job']:.2f}x"
+                f", load average {load}"
+            )
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.io import decode_png
 
@@ -126,3 +127,71 @@ def test_batches_are_committed_off_the_engines_thread(tmp_path, monkeypatch):
         stems = {key.replace(".", "_") for key in keys.split(",")}
         drawn = {stem for kind, stem in events[:position] if kind == "picture"}
         assert stems <= drawn
+
+
+def _images(folder, count: int = 3) -> None:
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(count):
+        Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+
+
+def _tiny_config(tmp_path, **settings) -> ExplainConfig:
+    return ExplainConfig(
+        [tmp_path / "images"], "tests/test_explain.py:tiny_net", out=tmp_path / "out",
+        batch_size=2, workers=0, input_size=16, target_layer="features", **settings,
+    )  # fmt: skip
+
+
+def _spy_batches(monkeypatch, fail_on=None) -> list[Tensor]:
+    """Record every batch the engine explains (its uint8 inputs); ``fail_on(inputs)`` True makes
+    the engine fail on that batch."""
+    from cam_engine.pipeline import compute
+
+    seen, real = [], compute.explain_batch
+
+    def spy(engine, loaded, batch, targets):
+        seen.append(batch.inputs)
+        if fail_on is not None and fail_on(batch.inputs):
+            raise RuntimeError("out of memory (simulated)")
+        return real(engine, loaded, batch, targets)
+
+    monkeypatch.setattr(compute, "explain_batch", spy)
+    return seen
+
+
+def test_a_run_whose_batches_succeed_explains_no_blank_image(tmp_path, monkeypatch):
+    """The blank image that checks the setup is explained only when a batch fails: a run
+    explains its images and nothing else."""
+    _images(tmp_path / "images")
+    seen = _spy_batches(monkeypatch)
+    assert explain(_tiny_config(tmp_path, save="npz")).explained == 3
+    assert [len(inputs) for inputs in seen] == [2, 1]
+    assert all(inputs.any() for inputs in seen)
+
+
+def test_a_failed_batch_checks_the_setup_once_then_goes_image_by_image(tmp_path, monkeypatch):
+    _images(tmp_path / "images")
+    seen = _spy_batches(monkeypatch, fail_on=lambda inputs: len(inputs) == 2)
+    summary = explain(_tiny_config(tmp_path, save="npz"))
+    assert summary.explained == 3 and summary.skipped == []
+    blanks = [inputs for inputs in seen if not inputs.any()]
+    assert [len(inputs) for inputs in seen] == [2, 1, 1, 1, 1]  # batch, blank, 0, 1; then 2
+    assert len(blanks) == 1 and blanks[0] is seen[1]
+
+
+def test_sheets_are_stored_and_overlays_deflated(tmp_path):
+    """A sheet holds the image and its overlays again, scaled down: its PNG is stored without
+    compression (a third of the job's zlib time on 640x480 photos), the overlays' are deflated.
+    Both decode to the pictures drawn."""
+    ramp = torch.arange(40, dtype=torch.uint8).expand(3, 30, 40).contiguous()  # deflates well
+    result = Explained("a.jpg", [3], ["x"], [0.5], (30, 40), None, ramp, ramp[None].clone())
+    drawn = dict(pictures(result, {"png", "sheet"}))
+    folder = Parts(tmp_path, npz=False)
+    folder.write_pictures(pictures(result, {"png", "sheet"}))
+    for name, picture in drawn.items():
+        raw = picture.width * picture.height * 3
+        with Image.open(tmp_path / name) as written:
+            assert np.array_equal(np.asarray(written), np.asarray(picture))
+        size = (tmp_path / name).stat().st_size
+        assert size > raw if name.startswith("sheets/") else size < raw / 4

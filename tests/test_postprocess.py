@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import images
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import cam_engine as ce
 from cam_engine import postprocess as P
@@ -458,3 +459,65 @@ def test_module_imports_no_other_cam_engine_module():
             assert node.level == 0 and not (node.module or "").startswith("cam_engine")
         elif isinstance(node, ast.Import):
             assert not any(a.name.startswith("cam_engine") for a in node.names)
+
+
+# overlay: the integer blend ----------------------------------------------------------------------
+
+
+def _every_level_on_every_base():
+    """(1, 3, 256, 256) images whose column x is level x in every channel, and (1, 1, 256, 256)
+    heatmaps whose row y is at level y: every (colour level, image level) pair once."""
+    images = torch.arange(256, dtype=torch.uint8).expand(1, 3, 256, 256).contiguous()
+    heat = (torch.arange(256, dtype=torch.float64) / 255).view(1, 1, 256, 1).expand(1, 1, 256, 256)
+    return images, heat.float()
+
+
+@pytest.mark.parametrize("alpha", [0.5, 0.3, 0.7, 0.1, 0.9, 1 / 3])
+def test_overlay_is_the_float64_formula_on_every_pair(alpha):
+    images, heat = _every_level_on_every_base()
+    out = P.overlay(images, heat, "jet", alpha)
+    colour = P.colormap_lut("jet").numpy().astype(np.float64)  # (256 levels, 3)
+    base = np.arange(256, dtype=np.float64)
+    # round(alpha * colour + (1 - alpha) * image), in float64, for level y, image level x
+    want = np.round(alpha * colour.T[:, :, None] + (1 - alpha) * base[None, None, :])
+    np.testing.assert_array_equal(out[0, 0].numpy(), want.astype(np.uint8))
+
+
+def test_overlay_hand_computed_pixels():
+    # jet level 0 is (0, 0, 128): 382.5 - |0 - 255| = 127.5 rounds to even, 128; level 255 is
+    # (128, 0, 0)
+    images = torch.tensor([[10, 200], [20, 100], [31, 0]], dtype=torch.uint8).view(1, 3, 1, 2)
+    heat = torch.tensor([[[[0.0, 1.0]]]])
+    half = P.overlay(images, heat, "jet", 0.5)[0, 0, :, 0, :]
+    # (0 + 10) / 2 = 5, (0 + 20) / 2 = 10, (128 + 31) / 2 = 79.5 -> 80 (half to even);
+    # (128 + 200) / 2 = 164, 100 / 2 = 50, 0
+    assert half.tolist() == [[5, 164], [10, 50], [80, 0]]
+    quarter = P.overlay(images, heat, "jet", 0.25)[0, 0, :, 0, 1]
+    assert quarter.tolist() == [182, 75, 0]  # 0.25 * 128 + 0.75 * 200 = 182, 0.75 * 100 = 75
+
+
+def test_overlay_makes_no_float_copy_of_the_overlays():
+    """The blend is integer work: no floating-point tensor as large as the overlays (B, K, 3,
+    H, W) is made, only the levels of the heatmaps (B, K, H, W)."""
+    images, heat = _inputs(b=2, k=2, h=16, w=20)
+    img_t, heat_t = torch.from_numpy(images), torch.from_numpy(heat)
+    big = 2 * 2 * 3 * 16 * 20
+    P.overlay(img_t, heat_t, "viridis", 0.4)  # builds the blend table once (3 * 65536 values)
+    with _Made() as made:
+        P.overlay(img_t, heat_t, "viridis", 0.4)
+    assert made.float_sizes and max(made.float_sizes) < big
+
+
+class _Made(TorchDispatchMode):
+    """The sizes of the floating-point tensors made by the operations run while active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.float_sizes: list[int] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor) and t.is_floating_point():
+                self.float_sizes.append(t.numel())
+        return out

@@ -76,8 +76,8 @@ def explain_batch(
 
 
 def check_model(engine: CAMEngine, loaded: LoadedModel, targets: Targets) -> None:
-    """Explain a blank image, so that a wrong layer, method, target or labels file fails now,
-    once, and not as a failure of every image (:func:`explain_images` records those)."""
+    """Explain a blank image, so that a wrong layer, method, target or labels file fails once,
+    and not as a failure of every image (:func:`explain_images` records those)."""
     blank = torch.zeros(1, 3, *loaded.input_size, dtype=torch.uint8)
     explain_batch(engine, loaded, Batch([0], [blank[0]], blank), targets)
 
@@ -144,10 +144,14 @@ def explain_images(
     keys: list[str],
     config: ExplainConfig,
 ) -> tuple[list[Explained], list[tuple[str, str]]]:
-    """Explain a decoded batch; if the engine fails on it, redo it image by image.
+    """Explain a decoded batch; if the engine fails on it, check the setup, then redo it image
+    by image.
 
-    An image that fails alone (e.g. out of memory on one huge image) is recorded; the others
-    are explained. Batch row ``i`` is image ``keys[batch.indices[i]]``.
+    The setup is checked (:func:`check_model`) only when a batch fails, so that a run whose
+    batches succeed explains nothing else: a wrong layer, target or labels file, which fails
+    every batch, raises its error at the first one. An image that fails alone (e.g. out of
+    memory on one huge image) is recorded; the others are explained. Batch row ``i`` is image
+    ``keys[batch.indices[i]]``.
 
     Returns:
         (the results, in batch order; (key, reason) of the images that failed alone).
@@ -155,14 +159,16 @@ def explain_images(
     try:
         return _explain(engine, loaded, batch, keys, config), []
     except Exception as exc:  # one image's fault must not cost the others
+        check_model(engine, loaded, config.targets)
         if len(batch.indices) == 1:
             return [], [(keys[batch.indices[0]], f"{type(exc).__name__}: {reason(exc)}")]
     explained, failures = [], []
     for i, index in enumerate(batch.indices):
         one = Batch([index], [batch.originals[i]], batch.inputs[i : i + 1])
-        done, failed = explain_images(engine, loaded, one, keys, config)
-        explained += done
-        failures += failed
+        try:
+            explained += _explain(engine, loaded, one, keys, config)
+        except Exception as exc:
+            failures.append((keys[index], f"{type(exc).__name__}: {reason(exc)}"))
     return explained, failures
 
 

@@ -20,7 +20,7 @@ from ..arguments import default_workers
 from ..engine import CAMEngine
 from ..io import ImageFolder, collate, find_images, image_keys
 from ..loading import LoadedModel, resolve_device
-from .compute import Explained, check_model, explain_images, load
+from .compute import Explained, explain_images, load
 from .config import ExplainConfig
 from .folder import OutputFolder
 from .gallery import update_gallery
@@ -115,7 +115,6 @@ def _run(
     model: tuple[LoadedModel, CAMEngine] | None,
 ) -> None:
     loaded, engine = load(config, device) if model is None else model
-    check_model(engine, loaded, config.targets)
     split = f"{engine.split_kind} split" + (", trunk compiled" if config.compile else "")
     if engine.cam_model.current().channels_last:
         split += ", channels-last input"
