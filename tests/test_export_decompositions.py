@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cam_engine.export import to_onnx
+from cam_engine.export.decompositions import FoldedAttention
 from cam_engine.export.head_vjp import DECOMPOSITIONS, trace_head_gradient
 
 aten = torch.ops.aten
@@ -38,6 +39,20 @@ def test_avg_pool2d_backward_decomposition_matches_autograd():
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
+def test_avg_pool_head_gradient_holds_at_other_sizes():
+    def head(features):  # the square makes the gradient depend on the features
+        return F.avg_pool2d(features, 3, 2, 1, ceil_mode=True).square().sum((2, 3))
+
+    graph = trace_head_gradient(head, torch.randn(2, 3, 8, 10).double(), (), None, 2, False)
+    assert aten.avg_pool2d_backward.default not in {node.target for node in graph.graph.nodes}
+    features = torch.randn(3, 3, 11, 6, dtype=torch.float64, requires_grad=True)  # odd: ceil
+    logits, classes, grads = graph(features.detach())
+    for k in range(2):
+        (want,) = torch.autograd.grad(head(features).gather(1, classes[:, k : k + 1]).sum(),
+                                      features)  # fmt: skip
+        torch.testing.assert_close(grads[:, k], want)
+
+
 def test_token_pool_head_traces_without_as_strided():
     """Hugging Face Swin / FocalNet's head: tokens (B, T, C) -> transpose -> AdaptiveAvgPool1d(1)
     -> flatten -> linear. The pool restrides its channels-last-strided result (``as_strided_``);
@@ -48,6 +63,16 @@ def test_token_pool_head_traces_without_as_strided():
                                 None, 2, False)  # fmt: skip
     ops = {str(node.target) for node in graph.graph.nodes}
     assert not [op for op in ops if "as_strided" in op]
+
+
+def test_folded_attention_matches_attention():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 4, 5, 6, dtype=torch.float64) for _ in range(3))  # 5-D
+    mask = torch.randn(4, 5, 5, dtype=torch.float64)  # broadcast over the first two dims
+    want = F.scaled_dot_product_attention(q, k, v, mask)
+    with FoldedAttention():
+        got = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 # --- exports --------------------------------------------------------------------------------------
@@ -68,7 +93,6 @@ class BlockersNet(nn.Module):
         self.qkv = nn.Linear(8, 24)
         self.proj = nn.Conv2d(8, 8, 1)
         self.pool = nn.AvgPool2d(3, stride=2, padding=1, ceil_mode=True)
-        self.norm = nn.LayerNorm(8)
         self.token_pool = nn.AdaptiveAvgPool1d(1)
         self.fc = nn.Linear(8, 5)
 
@@ -79,17 +103,19 @@ class BlockersNet(nn.Module):
         q, k, v = qkv.permute(4, 0, 1, 2, 3, 5).unbind(0)
         mixed = F.scaled_dot_product_attention(q, k, v).reshape(tokens.shape)
         f = self.proj((tokens + mixed).transpose(1, 2).reshape(f.shape))
-        tokens = self.norm(self.pool(f).flatten(2).transpose(1, 2))
+        tokens = self.pool(f).flatten(2).transpose(1, 2)
         return self.fc(self.token_pool(tokens.transpose(1, 2)).flatten(1))
 
 
-def test_blockers_export_at_any_size(tmp_path):
+def test_blockers_export(tmp_path):
+    # at one input size: dynamic_size doubles the export's time, and the traced gradient's
+    # sizes are checked symbolic above (BlockersNet passes with dynamic_size=True too)
     torch.manual_seed(0)
     path = tmp_path / "model.onnx"
     result = to_onnx(BlockersNet().eval(), path, "proj", method="gradcam", topk=2,
-                     input_size=(40, 32), dynamic_size=True)  # fmt: skip
+                     input_size=(40, 32))  # fmt: skip
     assert result.metadata["head"] == "head-vjp"
-    assert max(result.errors.values()) < 1e-4  # ORT vs engine at batch 3 and at 58x32
+    assert max(result.errors.values()) < 1e-4  # ORT vs engine at batch 3
 
 
 class BatchReshapeNet(nn.Module):

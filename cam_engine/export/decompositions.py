@@ -198,6 +198,6 @@ class FoldedAttention(TorchFunctionMode):
 def _folded_attention(attention, query, key, value, attn_mask=None, *args, **kwargs) -> Tensor:
     lead = query.shape[:-3]
     if attn_mask is not None:
-        attn_mask = attn_mask.expand(*query.shape[:-2], key.shape[-2]).flatten(0, -4)
+        attn_mask = attn_mask.expand(*query.shape[:-1], key.shape[-2]).flatten(0, -4)
     folded = (t.flatten(0, -4) for t in (query, key, value))
     return attention(*folded, attn_mask, *args, **kwargs).unflatten(0, lead)
