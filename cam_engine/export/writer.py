@@ -300,8 +300,12 @@ def _export(graph, example: Tensor, path: Path, opts: ExportOptions, split_kind:
     outputs[name] = (batch, k, 3, *maps) if name == "overlay" else (batch, k, *maps)
     exporter = opts.exporter
     # ATen graphs are the dynamo exporter's input: a traced gradient, and a torch.export split,
-    # whose sizes (``sym_size`` calls) the TorchScript tracer records as constants
-    aten_graph = isinstance(graph, HeadGradCAM) or split_kind == "export"
+    # whose sizes (``sym_size`` calls) the TorchScript tracer records as constants. Such a split
+    # is static in H and W (exported per input size), which dynamo keeps: with dynamic_size,
+    # TorchScript, whose file holds at other sizes where no size is in a reshape
+    aten_graph = isinstance(graph, HeadGradCAM) or (
+        split_kind == "export" and not opts.dynamic_size
+    )
     use_dynamo = exporter == "dynamo" or (
         exporter == "auto" and (aten_graph or not _has_torchscript())
     )
