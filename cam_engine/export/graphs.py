@@ -312,9 +312,14 @@ def _bins(size_in, size_out: int, like: Tensor) -> Tensor:
     i = torch.arange(size_out, device=like.device)
     start = torch.div(i * size_in, size_out, rounding_mode="floor")
     end = torch.div((i + 1) * size_in + size_out - 1, size_out, rounding_mode="floor")
+    return _windows(start, end, size_in, like) / (end - start)[:, None].to(like.dtype)
+
+
+def _windows(start: Tensor, end: Tensor, size_in, like: Tensor) -> Tensor:
+    """(n, size_in) in ``like``'s dtype: row ``o`` is 1 on inputs ``[start[o], end[o])``, 0
+    elsewhere (a window's part outside ``[0, size_in)`` covers nothing)."""
     j = torch.arange(size_in, device=like.device)
-    inside = (j[None] >= start[:, None]) & (j[None] < end[:, None])
-    return inside.to(like.dtype) / (end - start)[:, None].to(like.dtype)
+    return ((j[None] >= start[:, None]) & (j[None] < end[:, None])).to(like.dtype)
 
 
 def _pool(module: nn.Module, x: Tensor) -> Tensor:

@@ -2,9 +2,8 @@
 
 Exporters cannot run autograd, so :func:`trace_head_gradient` records the head's forward and its
 backward together with ``make_fx`` (symbolic shapes: no size is baked in) into an FX graph of
-plain ATen ops, which the dynamo exporter turns into ONNX. Backward ops without an ONNX form are
-decomposed on the way (:data:`DECOMPOSITIONS`); adaptive average pooling becomes the bin
-matrices of :func:`cam_engine.export.graphs.adaptive_avg_pool`, exact at every input size.
+plain ATen ops, which the dynamo exporter turns into ONNX. Ops without an ONNX form, or whose
+export would fix a size, are decomposed on the way (:mod:`.decompositions`).
 
 :class:`HeadGradCAM` runs the trunk, this graph, the engine's layout of the target map (tokens
 and channels-last maps to (B, C, h, w), as :func:`cam_engine.layout.to_nchw` infers it at the
@@ -20,70 +19,17 @@ from dataclasses import dataclass
 import sympy
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import Tensor
-from torch._decomp import core_aten_decompositions
 from torch.fx.experimental import _config as shape_config
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..layout import to_nchw
 from ..model import CAMModel, OutputSelector, select_output
-from .graphs import Postprocess, _bins, _CAMGraph, _top_classes, adaptive_avg_pool
+from .decompositions import DECOMPOSITIONS
+from .graphs import Postprocess, _CAMGraph, _top_classes
 
 __all__ = ["MapLayout", "HeadGradCAM", "trace_head_gradient", "size_branches", "DECOMPOSITIONS"]
-
-aten = torch.ops.aten
-
-
-def _adaptive_avg_pool2d_backward(grad: Tensor, x: Tensor) -> Tensor:
-    """The transpose of :func:`adaptive_avg_pool`: ``P_h^T @ grad @ P_w``."""
-    rows = _bins(x.shape[-2], grad.shape[-2], grad)
-    cols = _bins(x.shape[-1], grad.shape[-1], grad)
-    return torch.einsum("ih,jw,bcij->bchw", rows, cols, grad)
-
-
-def _convolution_backward(
-    grad: Tensor,
-    x: Tensor,
-    weight: Tensor,
-    bias_sizes,
-    stride,
-    padding,
-    dilation,
-    transposed: bool,
-    output_padding,
-    groups: int,
-    output_mask,
-) -> tuple[Tensor | None, None, None]:
-    """dScore/dx of a convolution as the transposed convolution of ``grad`` (the weights'
-    and bias's gradients are not asked for: the parameters are constants of the graph).
-
-    The transposed convolution takes the largest output padding, ``stride - 1``, and is cut to
-    the input's size: which rows an input of a given size leaves over depends on the size, and
-    an exported ``output_padding`` would be fixed.
-    """
-    if transposed or any(output_mask[1:]):
-        raise NotImplementedError(
-            "aten.convolution_backward of a transposed convolution or for the weights"
-        )
-    transpose = {3: F.conv_transpose1d, 4: F.conv_transpose2d, 5: F.conv_transpose3d}[x.ndim]
-    extra = [max(s, d) - 1 for s, d in zip(stride, dilation, strict=True)]
-    grad_x = transpose(grad, weight, None, stride, padding, extra, groups, dilation)
-    for dim in range(2, x.ndim):
-        grad_x = grad_x.narrow(dim, 0, x.shape[dim])
-    return grad_x, None, None
-
-
-#: ATen op -> its replacement while the head's gradient is traced: PyTorch's core ATen
-#: decompositions (backward ops become forward ones), and adaptive average pooling as bin
-#: matrices (the stock decomposition bakes the input size in)
-DECOMPOSITIONS: dict = {
-    **core_aten_decompositions(),
-    aten._adaptive_avg_pool2d.default: adaptive_avg_pool,
-    aten._adaptive_avg_pool2d_backward.default: _adaptive_avg_pool2d_backward,
-    aten.convolution_backward.default: _convolution_backward,
-}
 
 
 @dataclass(frozen=True)

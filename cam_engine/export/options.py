@@ -18,7 +18,7 @@ __all__ = ["ExportOptions", "IMAGENET_MEAN", "IMAGENET_STD", "EXPORTERS"]
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 #: ``exporter=`` values; ``"auto"`` is TorchScript while torch has it (not for a traced head
-#: gradient), else dynamo
+#: gradient, nor a ``torch.export`` split at one input size), else dynamo
 EXPORTERS = ("auto", "torchscript", "dynamo")
 
 
@@ -53,7 +53,10 @@ class ExportOptions:
         batch_size: the batch size when ``dynamic_batch`` is off, >= 1.
         exporter: ``"torchscript"`` (``torch.onnx.export(dynamo=False)``), ``"dynamo"``, or
             ``"auto"``: TorchScript while torch has it (several times faster to export here),
-            else dynamo; dynamo for a traced head gradient (``head-vjp``), which is ATen ops.
+            else dynamo; dynamo for a traced head gradient (``head-vjp``) and, without
+            ``dynamic_size``, for a model split by ``torch.export`` (its sizes are ATen
+            ``sym_size`` calls, which the TorchScript tracer would record as constants: a batch
+            size fixed in a reshape).
         check: run the self-check (on by default; it costs a few engine and ORT calls).
         optimized_path: also save an ORT graph-optimised copy there (portable: extended level).
     """

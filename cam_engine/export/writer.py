@@ -25,6 +25,7 @@ from ..graph import module_dicts
 from ..heads import gap_linear_message
 from ..model import CAMModel
 from .atomic import replacing, sidecar
+from .decompositions import FoldedAttention
 from .graphs import GapCAM, PoolMLPGradCAM, Postprocess, find_pool_mlp
 from .head_vjp import HeadGradCAM
 from .metadata import METADATA_KEY, SCHEMA_VERSION, CAMMetadata
@@ -132,7 +133,7 @@ def to_onnx(
     for folder in {p.parent for p in outputs}:
         folder.mkdir(parents=True, exist_ok=True)
     with replacing(*outputs) as staged:
-        names = _export(graph, example, staged[0], opts)
+        names = _export(graph, example, staged[0], opts, cam_model.split_kind)
         metadata = CAMMetadata(
             schema_version=SCHEMA_VERSION,
             version=__version__,
@@ -292,8 +293,9 @@ def _images(batch: int, channels: int, size, cam_model: CAMModel, seed: int = 0)
     return x.to(param.device)
 
 
-def _export(graph, example: Tensor, path: Path, opts: ExportOptions) -> dict:
-    """Run the exporter; returns the input and output names with their shapes (tuples)."""
+def _export(graph, example: Tensor, path: Path, opts: ExportOptions, split_kind: str) -> dict:
+    """Run the exporter; returns the input and output names with their shapes (tuples).
+    ``split_kind`` is the model's (:attr:`CAMModel.split_kind`)."""
     batch = "batch" if opts.dynamic_batch else example.shape[0]
     height, width = ("height", "width") if opts.dynamic_size else tuple(example.shape[2:])
     k = "k" if opts.classes_input else opts.topk
@@ -312,9 +314,15 @@ def _export(graph, example: Tensor, path: Path, opts: ExportOptions) -> dict:
         del outputs["classes"]  # the caller's own input; ONNX names must differ
     outputs[name] = (batch, k, 3, *maps) if name == "overlay" else (batch, k, *maps)
     exporter = opts.exporter
-    traced_gradient = isinstance(graph, HeadGradCAM)  # ATen ops: the dynamo exporter's input
+    # ATen graphs are the dynamo exporter's input: a traced gradient, and a torch.export split,
+    # whose sizes (``sym_size`` calls) the TorchScript tracer records as constants. Such a split
+    # is static in H and W (exported per input size), which dynamo keeps: with dynamic_size,
+    # TorchScript, whose file holds at other sizes where no size is in a reshape
+    aten_graph = isinstance(graph, HeadGradCAM) or (
+        split_kind == "export" and not opts.dynamic_size
+    )
     use_dynamo = exporter == "dynamo" or (
-        exporter == "auto" and (traced_gradient or not _has_torchscript())
+        exporter == "auto" and (aten_graph or not _has_torchscript())
     )
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation, tracer notes
@@ -361,18 +369,19 @@ def _export_dynamo(graph, args, path, inputs, outputs, opset) -> None:
         for axes in _symbolic(inputs).values()
     )
     try:
-        torch.onnx.export(
-            graph,
-            args,
-            str(path),
-            dynamo=True,
-            input_names=list(inputs),
-            output_names=list(outputs),
-            dynamic_shapes=shapes,
-            opset_version=opset or 18,
-            external_data=False,
-            verbose=False,
-        )
+        with FoldedAttention():  # attention over several batch dimensions as 4-D attention
+            torch.onnx.export(
+                graph,
+                args,
+                str(path),
+                dynamo=True,
+                input_names=list(inputs),
+                output_names=list(outputs),
+                dynamic_shapes=shapes,
+                opset_version=opset or 18,
+                external_data=False,
+                verbose=False,
+            )
     except Exception as exc:
         found = re.search(r"No ONNX function found for <OpOverload\(op='([^']+)'", str(exc))
         if found is None:
