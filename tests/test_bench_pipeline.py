@@ -98,15 +98,17 @@ def test_bench_command_times_the_job_and_the_engine_on_the_same_files(tmp_path):
     out = tmp_path / "bench"
     argv = ["bench", "--quick", "--models", "resnet18", "--input-size", "32", "--batch-size", "1"]
     argv += ["--backends", "pipeline", "--repeats", "1", "--warmup", "0", "--no-all-classes"]
+    argv += ["--pipeline-images", "3", "--pipeline-workers", "0"]
     assert main([*argv, "--out", str(out)]) == 0
     doc = json.loads((out / "results.json").read_text())
     found = [(r["backend"], r["photos"], r["images"], len(r["times_s"])) for r in doc["rows"]]
     assert found == [
-        (ENGINE, "224x224", 4, 1),
-        (JOB, "224x224", 4, 1),
-        (ENGINE, "480x640", 4, 1),
-        (JOB, "480x640", 4, 1),
+        (ENGINE, "224x224", 3, 1),
+        (JOB, "224x224", 3, 1),
+        (ENGINE, "480x640", 3, 1),
+        (JOB, "480x640", 3, 1),
     ]
+    assert "--pipeline-images 3 --pipeline-workers 0" in doc["config"]["command"]
     assert all(len(r["load_avg"]) == 3 for r in doc["rows"])
     assert "## The whole explain job" in (out / "BENCHMARKS.md").read_text()
     assert not (out / "pipeline").exists()  # the photos and the job's outputs are deleted

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..arguments import default_workers
 from ..engine import CAMEngine
 from ..io import ImageFolder, collate
 from ..loading import IMAGENET_MEAN, IMAGENET_STD, LoadedModel
@@ -75,6 +76,7 @@ def run_pipeline(
     *,
     layer: str | None = None,
     images: int | None = None,
+    workers: int | None = None,
     sizes: Sequence[tuple[int, int]] = PHOTO_SIZES,
     warmup: int = 1,
     repeats: int = 5,
@@ -89,6 +91,7 @@ def run_pipeline(
         method: the CAM method.
         layer: the target layer (``None``: the engine's choice).
         images: JPEG files per size (default ``4 * batch``); one timed call explains them all.
+        workers: the job's decoding processes (default: the job's own default).
         sizes: (H, W) of the files.
         warmup: untimed calls of each row first.
         repeats: timed rounds, the two rows interleaved.
@@ -121,6 +124,7 @@ def run_pipeline(
                 input_size=input_size,
                 device=spec.device,
                 overwrite=True,
+                workers=default_workers() if workers is None else workers,
             )
             decoded = ImageFolder(paths, input_size)
             batches = [

@@ -47,6 +47,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         + ",".join([*BENCH_BACKENDS, PIPELINE])
         + f" ({PIPELINE}: the whole explain job on JPEG files against the engine alone)",
     )
+    parser.add_argument(
+        "--pipeline-images",
+        type=int,
+        help=f"JPEG files per size in the {PIPELINE} rows (default: 4 batches); more files "
+        "spread the job's fixed costs (decoding processes, merging) as a data set does",
+    )
+    parser.add_argument(
+        "--pipeline-workers",
+        type=int,
+        help=f"decoding processes of the job in the {PIPELINE} rows (default: the job's, "
+        "explain --workers)",
+    )
     parser.add_argument("--repeats", type=int, help="timed rounds per backend (default: 10)")
     parser.add_argument("--warmup", type=int, help="untimed calls per backend first (default: 2)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
@@ -160,6 +172,10 @@ def _command(cfg: dict, args: argparse.Namespace) -> str:
         parts += ["--autocast", args.autocast]
     if args.compile_mode:
         parts += ["--compile-mode", args.compile_mode]
+    if args.pipeline_images:
+        parts += ["--pipeline-images", str(args.pipeline_images)]
+    if args.pipeline_workers is not None:
+        parts += ["--pipeline-workers", str(args.pipeline_workers)]
     return shlex.join(parts)
 
 
@@ -252,6 +268,8 @@ def _measure(args: argparse.Namespace, cfg: dict, backends: list[str]) -> tuple[
                 cfg["batch"],
                 cfg["methods"][0],
                 layer=args.target_layer,
+                images=args.pipeline_images,
+                workers=args.pipeline_workers,
                 warmup=max(1, cfg["warmup"]),
                 repeats=cfg["repeats"],
                 workdir=args.out,
