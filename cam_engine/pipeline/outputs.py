@@ -21,9 +21,7 @@ from .compute import Explained
 
 __all__ = [
     "PREDICTION_COLUMNS",
-    "SHEET_COMPRESS_LEVEL",
     "SHEET_TILE",
-    "compress_level",
     "output_name",
     "overlay_file",
     "picture_name",
@@ -38,11 +36,6 @@ __all__ = [
 PREDICTION_COLUMNS = ["image", "class_id", "class_name", "score", "picture"]
 #: longest side of a contact-sheet tile; overlays themselves are always at full size
 SHEET_TILE = 512
-#: zlib level of the sheets' PNG files: 0, stored. A sheet repeats the image and its overlays,
-#: scaled down; deflating it was over half of the job's zlib time (17 of 30 CPU ms per 640x480
-#: photo) for a file half the size (0.67 instead of 1.32 MB on a noisy photo). The overlays are
-#: deflated at zlib's fastest level, 1.
-SHEET_COMPRESS_LEVEL = 0
 #: longest part of an output name, in UTF-8 bytes: ``<part>.<class_id>.png`` stays under the
 #: 255 bytes that file systems allow
 NAME_BYTES = 200
@@ -84,12 +77,6 @@ def overlay_file(picture: str, class_id: int | str) -> str:
     """The overlay of class ``class_id`` on the image named ``picture``, relative to the output
     folder."""
     return f"overlays/{picture}.{class_id}.png"
-
-
-def compress_level(name: str) -> int:
-    """zlib level of the PNG file of the picture ``name`` (:func:`sheet_file`,
-    :func:`overlay_file`): ``SHEET_COMPRESS_LEVEL`` for a sheet, 1 for an overlay."""
-    return SHEET_COMPRESS_LEVEL if name.startswith("sheets/") else 1
 
 
 def _digest(text: str) -> str:
