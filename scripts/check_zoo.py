@@ -134,7 +134,17 @@ HF = {
     "hf_levit": ("LevitConfig", "LevitForImageClassification", {}, 224),
 }
 
-COLUMNS = ["model", "size", "default layer", "split", "map", "Grad-CAM vs pgc", "CAM", "ONNX"]
+COLUMNS = [
+    "family",
+    "model",
+    "size",
+    "default layer",
+    "split",
+    "map",
+    "Grad-CAM vs pgc",
+    "CAM",
+    "ONNX",
+]
 
 
 class Logits(nn.Module):
@@ -283,7 +293,7 @@ def main() -> int:
             row = [f"FAIL {type(exc).__name__}: {first_sentence(exc)}"] + [""] * 5
         finally:
             signal.alarm(0)
-        lines.append("| " + " | ".join([name, str(size), *row]) + " |")
+        lines.append("| " + " | ".join([family, name, str(size), *row]) + " |")
         print(lines[-1], f"{time.perf_counter() - start:.0f}s", flush=True)
         Path(args.out).write_text("\n".join(lines) + "\n")
     return 0
