@@ -379,3 +379,18 @@ def test_bf16_autocast_maps_of_a_trained_model_stay_close():
     assert res.cams.dtype == torch.bfloat16
     error = (res.heatmaps.double() - expected.heatmaps).abs()
     assert error.max() < 0.05 and error.mean() < 5e-3  # measured: 0.014 and 7e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_check_images_finds_one_non_finite_value_among_finite_ones(dtype):
+    from cam_engine.explainer import check_images
+
+    x = torch.randn(2, 3, 5, 7).to(dtype)
+    check_images(x)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        y = x.clone()
+        y[1, 2, 4, 6] = bad
+        with pytest.raises(ValueError, match="NaN or inf"):
+            check_images(y)
+    check_images(y, check_finite=False)
+    check_images(torch.empty(1, 3, 0, 4))  # no pixel: nothing to check
