@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 import cam_engine as ce
-from cam_engine.bench.models import calibrate_batchnorm, randomise_zero_linears
+from cam_engine.bench.models import LogitsOnly, calibrate_batchnorm, randomise_zero_linears
 
 #: family -> (timm model, input size); 64 px with ``img_size=64`` where the model takes it
 TIMM = {
@@ -147,17 +147,6 @@ COLUMNS = [
 ]
 
 
-class Logits(nn.Module):
-    """A Hugging Face model as pytorch-grad-cam calls it: ``forward(x) -> logits``."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.model(x).logits
-
-
 def build_timm(name: str, size: int) -> nn.Module:
     import timm
 
@@ -178,7 +167,7 @@ def pgc_error(model: nn.Module, layer: str, x: Tensor, res, size: int, hf: bool)
     import pytorch_grad_cam as pgc
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    net, prefix = (Logits(model), "model.") if hf else (model, "")
+    net, prefix = (LogitsOnly(model), "model.") if hf else (model, "")
     try:
         module = net.get_submodule(prefix + layer)
     except AttributeError:

@@ -22,6 +22,7 @@ from torch.testing import assert_close
 from torchvision.ops.misc import Permute
 
 import cam_engine as ce
+from cam_engine.bench.models import LogitsOnly
 from cam_engine.export import OrtCAM, to_onnx
 from cam_engine.heads import pair
 
@@ -244,17 +245,6 @@ def test_timm_swin_cam_at_its_norm():
     assert res.cams.shape == (2, 2, 4, 4)
 
 
-class _HFLogits(nn.Module):
-    """A Hugging Face classifier returning its logits alone (what pytorch-grad-cam calls)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.model(x).logits
-
-
 def test_hf_resnet_cam_through_torch_export():
     from transformers import ResNetConfig, ResNetForImageClassification
 
@@ -269,7 +259,7 @@ def test_hf_resnet_cam_through_torch_export():
     rows = hf.classifier[1].weight.detach()[logits.logits.topk(2).indices]
     expected = torch.einsum("bkc,bchw->bkhw", rows, features).relu()
     assert_close(res.cams, expected, atol=CAM_TOL, rtol=0)
-    wrapped = _HFLogits(hf)
+    wrapped = LogitsOnly(hf)
     heat, _ = pgc_gradcam(wrapped, "model.resnet.encoder.stages.1", x, res.classes[:, 0])
     assert_close(res.heatmaps[:, 0], heat, atol=HEATMAP_TOL, rtol=0)
 

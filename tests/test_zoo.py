@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from torch.testing import assert_close
 
 import cam_engine as ce
+from cam_engine.bench.models import LogitsOnly
 
 timm = pytest.importorskip("timm")
 transformers = pytest.importorskip("transformers")
@@ -73,17 +74,6 @@ def hf_vit() -> nn.Module:
     return transformers.ViTForImageClassification(config).double().eval()
 
 
-class Logits(nn.Module):
-    """A Hugging Face model seen as pytorch-grad-cam wants it: ``forward(x) -> logits``."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.model(x).logits
-
-
 def test_timm_vit_default_is_the_last_blocks_norm1_and_matches_pytorch_grad_cam():
     model = timm_vit()
     engine = ce.CAMEngine(model, None, "gradcam", input_size=(32, 32))
@@ -126,7 +116,7 @@ def test_hf_vit_keeps_its_output_keys_and_matches_pytorch_grad_cam():
     x = images(2, 32)
     with torch.no_grad():
         assert_close(engine.cam_model.predict(x), model(x).logits)
-    assert_matches_pgc(Logits(model), engine, f"model.{layer}", x, tokens_to_nchw)
+    assert_matches_pgc(LogitsOnly(model), engine, f"model.{layer}", x, tokens_to_nchw)
 
 
 def test_hf_resnet_default_is_the_last_stage_and_matches_pytorch_grad_cam():
@@ -141,7 +131,7 @@ def test_hf_resnet_default_is_the_last_stage_and_matches_pytorch_grad_cam():
     engine = ce.CAMEngine(model, None, "gradcam", output="logits", input_size=(32, 32))
     layer = "resnet.encoder.stages.1"
     assert (engine.target_layer, engine.split_kind) == (layer, "export")
-    assert_matches_pgc(Logits(model), engine, f"model.{layer}", images(2, 32))
+    assert_matches_pgc(LogitsOnly(model), engine, f"model.{layer}", images(2, 32))
 
 
 def small_levit(size: int = 64) -> nn.Module:

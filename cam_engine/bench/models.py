@@ -13,11 +13,14 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torchvision
-from torch import nn
+from torch import Tensor, nn
+
+from ..model import OutputSelector, select_output
 
 __all__ = [
     "AUTOCAST",
     "COMPILE_MODES",
+    "LogitsOnly",
     "ModelSpec",
     "build_model",
     "calibrate_batchnorm",
@@ -98,6 +101,24 @@ def randomise_zero_linears(model: nn.Module, std: float = 0.02) -> nn.Module:
         if isinstance(module, nn.Linear) and not module.weight.any():
             nn.init.normal_(module.weight, std=std)
     return model
+
+
+class LogitsOnly(nn.Module):
+    """``model`` returning its logits alone, as the hook-based libraries call a model (a Hugging
+    Face classifier returns a ``ModelOutput``); its layers are under ``model.``.
+
+    Args:
+        model: the model.
+        output: where its logits are, as :func:`cam_engine.model.select_output` takes it.
+    """
+
+    def __init__(self, model: nn.Module, output: OutputSelector = "logits") -> None:
+        super().__init__()
+        self.model = model
+        self.output = output
+
+    def forward(self, x: Tensor) -> Tensor:
+        return select_output(self.model(x), self.output)
 
 
 def build_model(spec: ModelSpec) -> nn.Module:
