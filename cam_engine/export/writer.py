@@ -314,10 +314,11 @@ def _export(graph, example: Tensor, path: Path, opts: ExportOptions, split_kind:
         del outputs["classes"]  # the caller's own input; ONNX names must differ
     outputs[name] = (batch, k, 3, *maps) if name == "overlay" else (batch, k, *maps)
     exporter = opts.exporter
-    # ATen graphs are the dynamo exporter's input: a traced gradient, and a torch.export split,
-    # whose sizes (``sym_size`` calls) the TorchScript tracer records as constants. Such a split
-    # is static in H and W (exported per input size), which dynamo keeps: with dynamic_size,
-    # TorchScript, whose file holds at other sizes where no size is in a reshape
+    # ATen graphs go to the dynamo exporter: a traced gradient, and a torch.export split, whose
+    # sizes (``sym_size`` calls) the TorchScript tracer would record as constants (the batch
+    # fixed in a reshape). Such a split is exported per input size, so dynamo would also fix H
+    # and W: with dynamic_size it stays on TorchScript, whose file holds at other sizes wherever
+    # no size is in a reshape (the self-check at a second size says whether it does)
     aten_graph = isinstance(graph, HeadGradCAM) or (
         split_kind == "export" and not opts.dynamic_size
     )
