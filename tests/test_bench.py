@@ -384,6 +384,15 @@ def test_bench_command_rejects_unknown_names(capsys):
     assert "nope" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    "option, value, bound",
+    [("--pipeline-images", "0", ">= 1"), ("--pipeline-workers", "-1", ">= 0")],
+)
+def test_bench_command_rejects_bad_pipeline_counts(option, value, bound, capsys):
+    assert main(["bench", "--quick", "--backends", "pipeline", option, value]) == 2
+    assert f"{option} must be {bound}, got {value}" in capsys.readouterr().err
+
+
 def test_profile_command_writes_table_and_traces(tmp_path: Path):
     argv = ["profile", "--model", "resnet18", "--size", "64", "--batch", "1", "--repeats", "1"]
     assert main([*argv, "--threads", "1", "--out", str(tmp_path)]) == 0

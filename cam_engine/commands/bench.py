@@ -137,6 +137,10 @@ def _settings(args: argparse.Namespace) -> dict:
     for key in ("batch", "size", "repeats"):
         if chosen[key] < 1:
             raise ValueError(f"{OPTIONS[key]} must be >= 1, got {chosen[key]}")
+    if args.pipeline_images is not None and args.pipeline_images < 1:
+        raise ValueError(f"--pipeline-images must be >= 1, got {args.pipeline_images}")
+    if args.pipeline_workers is not None and args.pipeline_workers < 0:
+        raise ValueError(f"--pipeline-workers must be >= 0, got {args.pipeline_workers}")
     return chosen
 
 
