@@ -67,7 +67,7 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 
 
 def default_workers() -> int:
-    """Image decoding processes by default: one per CPU this process may use, at most 4."""
+    """Image decoding threads by default: one per CPU this process may use, at most 4."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return min(4, cpus or 1)
 

@@ -1,7 +1,7 @@
 """The whole ``cam-engine explain`` job against the engine alone, on the same image files.
 
-The job (:func:`cam_engine.pipeline.explain`, every output on) decodes JPEG files in its
-DataLoader workers, preprocesses them, runs the engine, upsamples each map to its image's
+The job (:func:`cam_engine.pipeline.explain`, every output on) decodes JPEG files on its
+decoding threads, preprocesses them, runs the engine, upsamples each map to its image's
 original size, draws the overlays and contact sheets and writes the PNG files, the per-batch
 parts and the merged ``predictions.csv`` / ``heatmaps.npz``. The engine row runs the same engine
 on the same images already decoded and resized (:func:`cam_engine.pipeline.explain_batch`: the
@@ -91,7 +91,7 @@ def run_pipeline(
         method: the CAM method.
         layer: the target layer (``None``: the engine's choice).
         images: JPEG files per size (default ``4 * batch``); one timed call explains them all.
-        workers: the job's decoding processes (default: the job's own default).
+        workers: the job's decoding threads (default: the job's own default).
         sizes: (H, W) of the files.
         warmup: untimed calls of each row first.
         repeats: timed rounds, the two rows interleaved.

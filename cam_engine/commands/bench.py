@@ -51,12 +51,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--pipeline-images",
         type=int,
         help=f"JPEG files per size in the {PIPELINE} rows (default: 4 batches); more files "
-        "spread the job's fixed costs (decoding processes, merging) as a data set does",
+        "spread the job's fixed costs (threads, merging) as a data set does",
     )
     parser.add_argument(
         "--pipeline-workers",
         type=int,
-        help=f"decoding processes of the job in the {PIPELINE} rows (default: the job's, "
+        help=f"decoding threads of the job in the {PIPELINE} rows (default: the job's, "
         "explain --workers)",
     )
     parser.add_argument("--repeats", type=int, help="timed rounds per backend (default: 10)")

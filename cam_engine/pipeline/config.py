@@ -86,7 +86,7 @@ class ExplainConfig:
         method: a name of :func:`cam_engine.methods.available`.
         targets: ``TopK(k)``, ``BottomK(k)`` or class ids (text: ``top3``, ``bottom2``, ``7,2``).
         batch_size: images per engine call.
-        workers: image decoding processes (0: decode in this process).
+        workers: image decoding threads (0: decode in the main thread, between batches).
         device: a torch device name; ``None``: cuda if available, else cpu.
         compile: run the trunk through ``torch.compile``.
         channels_last: channels-last trunk input; ``None``: on a CPU only.

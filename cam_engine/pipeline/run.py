@@ -1,5 +1,5 @@
 """An explain run: :func:`run_job` is the frame of every run (lock, settings, resume, tables),
-:func:`explain` runs it in this process (decoding in DataLoader workers, batch by batch)."""
+:func:`explain` runs it in this process (decoding on threads, batch by batch)."""
 
 from __future__ import annotations
 
@@ -8,17 +8,16 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import ExitStack
+from contextlib import ExitStack, closing
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..arguments import default_workers
 from ..engine import CAMEngine
-from ..io import ImageFolder, collate, find_images, image_keys
+from ..io import ImageFolder, decoded_batches, find_images, image_keys
 from ..loading import LoadedModel, resolve_device
 from .compute import Explained, explain_images, load
 from .config import ExplainConfig
@@ -124,17 +123,18 @@ def _run(
         f"({config.method}, {split}, input {height}x{width}) on {device} -> {config.out}",
         file=sys.stderr,
     )
-    loader = DataLoader(
-        ImageFolder(paths, loaded.input_size, config.max_pixels),
-        batch_size=config.batch_size,
-        num_workers=config.workers,
-        collate_fn=collate,
-        pin_memory=device.type == "cuda",
-    )
     with ExitStack() as stack:
         writer = _Writer(folder, config.save, stack)
         bar = stack.enter_context(tqdm(total=len(paths), unit="img", desc="explain"))
-        for batch in loader:
+        images = ImageFolder(paths, loaded.input_size, config.max_pixels)
+        batches = stack.enter_context(  # closed on a failure too: its threads stop
+            closing(
+                decoded_batches(
+                    images, config.batch_size, config.workers, pin_memory=device.type == "cuda"
+                )
+            )
+        )
+        for batch in batches:
             failures = [(keys[i], reason) for i, reason in batch.skipped]
             results: list[Explained] = []
             if batch.inputs is not None:
