@@ -289,7 +289,9 @@ def overlay(images: Tensor, heatmaps: Tensor, colormap: str = "jet", alpha: floa
         alpha: weight of the colour, in [0, 1].
 
     Returns:
-        (B, K, 3, H, W) uint8 RGB, one overlay per image and map.
+        (B, K, 3, H, W) uint8 RGB, one overlay per image and map; channels-last in memory
+        (``permute(0, 1, 3, 4, 2)`` is contiguous, the rows of an RGB picture) when the images
+        are (``images.permute(0, 2, 3, 1)`` contiguous, as decoders give them), else contiguous.
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
@@ -324,11 +326,15 @@ def overlay(images: Tensor, heatmaps: Tensor, colormap: str = "jet", alpha: floa
     colormap_lut(colormap)  # the unknown-name error
     table = _blend_table(colormap.lower(), float(alpha), _device_key(heatmaps.device))
     rows = _levels(heatmaps).bitwise_left_shift_(8)  # (B, K, H, W): 256 * level
-    out = torch.empty(
-        (*rows.shape[:2], 3, *rows.shape[2:]), dtype=torch.uint8, device=heatmaps.device
-    )
+    batch, maps, height, width = rows.shape
+    if base.permute(0, 2, 3, 1).is_contiguous():  # written as (B, K, H, W, 3): no transposing
+        out = torch.empty((batch, maps, height, width, 3), dtype=torch.uint8, device=rows.device)
+        planes, out = out.unbind(-1), out.permute(0, 1, 4, 2, 3)
+    else:
+        out = torch.empty((batch, maps, 3, height, width), dtype=torch.uint8, device=rows.device)
+        planes = out.unbind(2)
     # One channel at a time: each gather reads one 64 KiB table, which stays in cache.
-    for c in range(3):
+    for c, plane in enumerate(planes):
         index = rows + base[:, c, None]  # int32
-        out[:, :, c] = table[c].index_select(0, index.view(-1)).view(index.shape)
+        plane.copy_(table[c].index_select(0, index.view(-1)).view(index.shape))
     return out

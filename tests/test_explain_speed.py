@@ -66,18 +66,22 @@ class _Ops(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _result(height: int = 600, width: int = 40) -> Explained:
+def _result(height: int = 600, width: int = 40, channels_last: bool = False) -> Explained:
     generator = torch.Generator().manual_seed(0)
     image = torch.randint(0, 256, (3, height, width), dtype=torch.uint8, generator=generator)
     overlays = torch.randint(0, 256, (2, 3, height, width), dtype=torch.uint8, generator=generator)
+    if channels_last:  # as decoders and overlay() give them: views of (..., H, W, 3) pixels
+        image = image.permute(1, 2, 0).contiguous().permute(2, 0, 1)
+        overlays = overlays.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
     return Explained("a/b.jpg", [3, 1], ["x", "y"], [0.5, 0.25], (height, width), None, image,
                      overlays)  # fmt: skip
 
 
-def test_pictures_are_drawn_without_torch():
+@pytest.mark.parametrize("channels_last", [False, True], ids=["planar", "channels-last"])
+def test_pictures_are_drawn_without_torch(channels_last):
     """The writer threads iterate ``pictures``: no torch operation may run there (each would
     start torch threads next to the engine's); the tensor work is done when it is called."""
-    result = _result()
+    result = _result(channels_last=channels_last)
     drawn = pictures(result, {"png", "sheet"})
     with _Ops() as seen:
         found = list(drawn)
@@ -139,9 +143,10 @@ def _images(folder, count: int = 3) -> None:
 
 
 def _tiny_config(tmp_path, **settings) -> ExplainConfig:
+    settings = {"workers": 0, **settings}
     return ExplainConfig(
         [tmp_path / "images"], "tests/test_explain.py:tiny_net", out=tmp_path / "out",
-        batch_size=2, workers=0, input_size=16, target_layer="features", **settings,
+        batch_size=2, input_size=16, target_layer="features", **settings,
     )  # fmt: skip
 
 
@@ -180,6 +185,32 @@ def test_a_failed_batch_checks_the_setup_once_then_goes_image_by_image(tmp_path,
     blanks = [inputs for inputs in seen if not inputs.any()]
     assert [len(inputs) for inputs in seen] == [2, 1, 1, 1, 1]  # batch, blank, 0, 1; then 2
     assert len(blanks) == 1 and blanks[0] is seen[1]
+
+
+def test_on_a_cpu_decoding_and_pictures_take_turns_with_the_engine(tmp_path, monkeypatch):
+    """On a CPU nothing runs beside the engine: when it is called on a batch, the batches before
+    it have their pictures on the disk and no later image is decoded (their threads would stall
+    the engine's OpenMP threads)."""
+    from cam_engine.io import ImageFolder
+    from cam_engine.pipeline import compute
+
+    _images(tmp_path / "images", count=7)
+    decoded, seen, real = [], [], compute.explain_batch
+    decode = ImageFolder.__getitem__
+
+    def counting(self, index):
+        decoded.append(index)
+        return decode(self, index)
+
+    def spy(engine, loaded, batch, targets):
+        overlays = sorted((tmp_path / "out" / "overlays").glob("*.png"))
+        seen.append((sorted(decoded), len(overlays)))
+        return real(engine, loaded, batch, targets)
+
+    monkeypatch.setattr(ImageFolder, "__getitem__", counting)
+    monkeypatch.setattr(compute, "explain_batch", spy)
+    assert explain(_tiny_config(tmp_path, save="png", workers=2, targets="top2")).explained == 7
+    assert seen == [(list(range(2 * (k + 1)))[:7], 2 * 2 * k) for k in range(4)]
 
 
 def test_sheets_and_overlays_are_deflated(tmp_path):

@@ -374,6 +374,19 @@ def test_overlay_matches_numpy_loop_with_matplotlib(name):
     assert np.abs(out.numpy().astype(int) - ref.astype(int)).max() <= 1
 
 
+def test_overlay_keeps_the_images_memory_format():
+    """Channels-last images (decoders give (3, H, W) views of (H, W, 3) pixels) give channels-last
+    overlays, the rows of an RGB picture, with the same bytes as contiguous images give."""
+    images, heat = _inputs(seed=11)
+    last = torch.from_numpy(images.transpose(0, 2, 3, 1).copy()).permute(0, 3, 1, 2)
+    out = P.overlay(last, torch.from_numpy(heat), "turbo", 0.5)
+    assert out.permute(0, 1, 3, 4, 2).is_contiguous()
+    reference = _np_overlay(images, heat, P.colormap_lut("turbo").numpy(), 0.5)
+    np.testing.assert_array_equal(out.numpy(), reference)
+    planar = P.overlay(torch.from_numpy(images), torch.from_numpy(heat), "turbo", 0.5)
+    assert planar.is_contiguous() and torch.equal(planar, out)
+
+
 def test_overlay_blend_exact_at_half():
     images, heat = _inputs(seed=5)
     out = P.overlay(torch.from_numpy(images), torch.from_numpy(heat), "turbo", 0.5)

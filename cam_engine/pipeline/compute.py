@@ -107,7 +107,10 @@ def original_size_maps(
         maps = heatmaps(cams.index_select(0, picked), size)
         overlays = None
         if colormap is not None:
-            images = torch.stack([batch.originals[r] for r in rows]).to(cams.device)
+            # stacked channels-last: decoders give (3, H, W) views of (H, W, 3) pixels, so this
+            # is a plain copy, and the overlays come out channels-last, the PNG rows' layout
+            images = torch.stack([batch.originals[r].permute(1, 2, 0) for r in rows])
+            images = images.to(cams.device).permute(0, 3, 1, 2)
             overlays = overlay(images, maps, colormap, alpha).cpu()
         maps = maps.float().cpu()
         for i, row in enumerate(rows):

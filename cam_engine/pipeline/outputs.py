@@ -141,17 +141,19 @@ def pictures(result: Explained, save: Iterable[str]) -> Iterator[tuple[str, Imag
 
 
 def _rgb_rows(*images: Tensor) -> np.ndarray:
-    """(N_i, 3, H, W) uint8 tensors -> their (sum N_i, H, W, 3) uint8 NumPy rows, on the CPU (a
-    view of one channels-last tensor)."""
-    planes = [image.detach().cpu().numpy() for image in images]
-    if len(planes) == 1 and planes[0].transpose(0, 2, 3, 1).flags.c_contiguous:
-        return planes[0].transpose(0, 2, 3, 1)
-    _, _, height, width = planes[0].shape
-    rows = np.empty((sum(len(p) for p in planes), height, width, 3), np.uint8)
+    """(N_i, 3, H, W) uint8 tensors -> their (sum N_i, H, W, 3) uint8 NumPy rows, on the CPU: a
+    view of one channels-last tensor, else a copy."""
+    parts = [image.detach().cpu().numpy().transpose(0, 2, 3, 1) for image in images]
+    if len(parts) == 1 and parts[0].flags.c_contiguous:
+        return parts[0]
+    rows = np.empty((sum(len(p) for p in parts), *parts[0].shape[1:]), np.uint8)
     start = 0
-    for part in planes:  # a plane at a time: 5x faster than one transposing copy (or a cat)
-        for c in range(3):
-            rows[start : start + len(part), ..., c] = part[:, c]
+    for part in parts:
+        if part.flags.c_contiguous:  # channels-last: a plain copy
+            rows[start : start + len(part)] = part
+        else:  # a plane at a time: 5x faster than one transposing copy (or a cat)
+            for c in range(3):
+                rows[start : start + len(part), ..., c] = part[..., c]
         start += len(part)
     return rows
 
