@@ -308,36 +308,27 @@ def collate(samples: Sequence[Sample]) -> Batch:
 
 
 def decoded_batches(
-    images: ImageFolder,
-    batch_size: int,
-    threads: int,
-    *,
-    ahead: int = 2,
-    pin_memory: bool = False,
+    images: ImageFolder, batch_size: int, threads: int, *, pin_memory: bool = False
 ) -> Iterator[Batch]:
     """The images of ``images`` decoded and collated ``batch_size`` at a time, in order.
 
-    Threads, not processes: the decoders and the resize release the GIL (and run no torch threads
-    of their own on one image), so they cost no process start, copy-on-write of the parent's
-    memory or pixels sent between processes (measured: 4.5 CPU ms per 640 x 480 JPEG decoded in
-    this process, 10 with two DataLoader worker processes).
+    ``threads`` threads decode up to two batches ahead of the consumer. Threads, not processes:
+    the decoders and the resize release the GIL (and run no torch threads of their own on one
+    image), so they run beside the model at no cost of process start, copy-on-write of the
+    parent's memory or pixels sent between processes (measured: 4.5 CPU ms per 640 x 480 JPEG
+    decoded in this process, 10 with two DataLoader worker processes).
 
     Args:
         images: the images.
         batch_size: images per batch (the last batch may hold fewer).
         threads: decoding threads; 0 decodes in the calling thread, when a batch is asked for.
-        ahead: batches the threads decode beyond the one asked for, while the consumer works
-            (0: a batch is decoded, by every thread, when it is asked for).
         pin_memory: put each batch's inputs in page-locked memory (for a CUDA model).
 
     Yields:
         :class:`Batch` of images ``[i, i + batch_size)``, i = 0, batch_size, ...
     """
-    if batch_size < 1 or threads < 0 or ahead < 0:
-        raise ValueError(
-            f"need batch_size >= 1, threads >= 0 and ahead >= 0, got {batch_size}, {threads}, "
-            f"{ahead}"
-        )
+    if batch_size < 1 or threads < 0:
+        raise ValueError(f"need batch_size >= 1 and threads >= 0, got {batch_size}, {threads}")
     starts = range(0, len(images), batch_size)
     if threads == 0:
         for start in starts:
@@ -349,9 +340,9 @@ def decoded_batches(
     order = iter(range(len(images)))
     try:
         for start in starts:
-            # the batch asked for and the next ``ahead`` are decoding or decoded
-            while len(pending) < (1 + ahead) * batch_size and (i := next(order, None)) is not None:
-                pending.append(pool.submit(images.__getitem__, i))
+            # the batch asked for and the next two are decoding or decoded
+            while len(pending) < 3 * batch_size and (index := next(order, None)) is not None:
+                pending.append(pool.submit(images.__getitem__, index))
             size = min(batch_size, len(images) - start)
             batch = collate([pending.popleft().result() for _ in range(size)])
             yield batch.pin_memory() if pin_memory else batch

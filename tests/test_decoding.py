@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import numpy as np
 import pytest
@@ -69,27 +68,10 @@ def test_threads_decode_a_bounded_number_ahead_and_stop_when_the_consumer_does(i
     assert len(images.decoded) <= 3 * 2
 
 
-@pytest.mark.parametrize("ahead", [0, 1])
-def test_ahead_bounds_the_batches_decoded_beyond_the_one_asked_for(image_dir, ahead):
-    paths = [p for p in find_images([image_dir]) if p.suffix == ".png"] * 10
-    images = _Counting(paths, (INPUT, INPUT))
-    batches = decoded_batches(images, 3, 2, ahead=ahead)
-    for taken in range(1, 4):
-        next(batches)
-        if ahead == 0:  # nothing decodes while the consumer works
-            time.sleep(0.05)
-            assert sorted(images.decoded) == list(range(3 * taken))
-        else:
-            assert len(images.decoded) <= 3 * (taken + ahead)
-    batches.close()
-
-
 def test_bad_arguments_are_refused(image_dir):
     images = ImageFolder([], (INPUT, INPUT))
     with pytest.raises(ValueError, match="batch_size >= 1"):
         next(decoded_batches(images, 0, 1))
     with pytest.raises(ValueError, match="threads >= 0"):
         next(decoded_batches(images, 1, -1))
-    with pytest.raises(ValueError, match="ahead >= 0"):
-        next(decoded_batches(images, 1, 1, ahead=-1))
     assert list(decoded_batches(images, 4, 2)) == []

@@ -187,32 +187,6 @@ def test_a_failed_batch_checks_the_setup_once_then_goes_image_by_image(tmp_path,
     assert len(blanks) == 1 and blanks[0] is seen[1]
 
 
-def test_on_a_cpu_decoding_and_pictures_take_turns_with_the_engine(tmp_path, monkeypatch):
-    """On a CPU nothing runs beside the engine: when it is called on a batch, the batches before
-    it have their pictures on the disk and no later image is decoded (their threads would stall
-    the engine's OpenMP threads)."""
-    from cam_engine.io import ImageFolder
-    from cam_engine.pipeline import compute
-
-    _images(tmp_path / "images", count=7)
-    decoded, seen, real = [], [], compute.explain_batch
-    decode = ImageFolder.__getitem__
-
-    def counting(self, index):
-        decoded.append(index)
-        return decode(self, index)
-
-    def spy(engine, loaded, batch, targets):
-        overlays = sorted((tmp_path / "out" / "overlays").glob("*.png"))
-        seen.append((sorted(decoded), len(overlays)))
-        return real(engine, loaded, batch, targets)
-
-    monkeypatch.setattr(ImageFolder, "__getitem__", counting)
-    monkeypatch.setattr(compute, "explain_batch", spy)
-    assert explain(_tiny_config(tmp_path, save="png", workers=2, targets="top2")).explained == 7
-    assert seen == [(list(range(2 * (k + 1)))[:7], 2 * 2 * k) for k in range(4)]
-
-
 def test_sheets_and_overlays_are_deflated(tmp_path):
     """Sheets and overlays are deflated (ISA-L makes it cheap) and decode to the pictures drawn."""
     ramp = torch.arange(40, dtype=torch.uint8).expand(3, 30, 40).contiguous()  # deflates well

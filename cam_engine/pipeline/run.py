@@ -123,22 +123,17 @@ def _run(
         f"({config.method}, {split}, input {height}x{width}) on {device} -> {config.out}",
         file=sys.stderr,
     )
-    # On a CPU, decoding and pictures take turns with the engine, on every core: the engine's
-    # OpenMP threads wait for each other at every operation, so a thread working beside them
-    # stalls both (see BENCHMARKS.md, the explain job). On a GPU they overlap it.
-    turns = device.type == "cpu"
     with ExitStack() as stack:
-        writer = _Writer(folder, config.save, stack, wait=turns)
+        writer = _Writer(folder, config.save, stack)
         bar = stack.enter_context(tqdm(total=len(paths), unit="img", desc="explain"))
         images = ImageFolder(paths, loaded.input_size, config.max_pixels)
-        batches = decoded_batches(
-            images,
-            config.batch_size,
-            config.workers,
-            ahead=0 if turns else 2,
-            pin_memory=device.type == "cuda",
+        batches = stack.enter_context(  # closed on a failure too: its threads stop
+            closing(
+                decoded_batches(
+                    images, config.batch_size, config.workers, pin_memory=device.type == "cuda"
+                )
+            )
         )
-        stack.enter_context(closing(batches))  # closed on a failure too: its threads stop
         for batch in batches:
             failures = [(keys[i], reason) for i, reason in batch.skipped]
             results: list[Explained] = []
@@ -151,22 +146,13 @@ def _run(
 
 
 class _Writer:
-    """Writes the pictures of each batch on a few threads (NumPy and the deflate release the GIL),
-    and commits each batch once its pictures are written, in order, on one more thread: the
-    commit's ``fsync`` waits for the disk, and the engine need not wait with it.
+    """Writes the pictures of each batch on a few threads (zlib releases the GIL, so they overlap
+    the next batches' decoding and model), and commits each batch once its pictures are written,
+    in order, on one more thread: the commit's ``fsync`` waits for the disk, and the engine need
+    not wait with it."""
 
-    Args:
-        folder: the output folder.
-        save: the outputs to write.
-        stack: the threads stop with it.
-        wait: :meth:`write` returns once the batch's pictures are written (else they are written
-            while the caller goes on, e.g. while a GPU explains the next batch).
-    """
-
-    def __init__(
-        self, folder: Parts, save: frozenset[str], stack: ExitStack, *, wait: bool
-    ) -> None:
-        self.folder, self.save, self.wait = folder, save, wait
+    def __init__(self, folder: Parts, save: frozenset[str], stack: ExitStack) -> None:
+        self.folder, self.save = folder, save
         threads = max(1, default_workers())
         self.pool = stack.enter_context(ThreadPoolExecutor(threads, "cam-engine-png"))
         self.committer = stack.enter_context(ThreadPoolExecutor(1, "cam-engine-commit"))
@@ -181,9 +167,6 @@ class _Writer:
             self.pool.submit(self.folder.write_pictures, pictures(result, self.save))
             for result in results
         ]
-        if self.wait:
-            for future in found:
-                future.result()
         self.pending.append(self.committer.submit(self._commit, found, results, failures))
         while self.pending and (len(self.pending) > self.max_pending or self.pending[0].done()):
             self.pending.popleft().result()
