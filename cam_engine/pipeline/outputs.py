@@ -111,7 +111,9 @@ def write_skipped(file: TextIO, rows: list[tuple[str, str]]) -> None:
     table.writerows(rows)
 
 
-def pictures(result: Explained, save: Iterable[str]) -> Iterator[tuple[str, Image.Image]]:
+def pictures(
+    result: Explained, save: Iterable[str]
+) -> Iterator[tuple[str, np.ndarray | Image.Image]]:
     """The overlay PNGs and the contact sheet of one image.
 
     The tensor work (the sheet's tiles scaled down, every picture's pixels laid out as NumPy
@@ -126,7 +128,8 @@ def pictures(result: Explained, save: Iterable[str]) -> Iterator[tuple[str, Imag
 
     Returns:
         An iterator of (path relative to the output folder, picture for
-        :func:`cam_engine.io.save_png`).
+        :func:`cam_engine.io.save_png`): each overlay as its (H, W, 3) uint8 RGB rows, the sheet
+        as a PIL image.
     """
     save = set(save)
     if result.overlays is None or not save & {"png", "sheet"}:
@@ -160,10 +163,10 @@ def _rgb_rows(*images: Tensor) -> np.ndarray:
 
 def _draw(
     result: Explained, overlays: np.ndarray | None, tiles: np.ndarray | None
-) -> Iterator[tuple[str, Image.Image]]:
+) -> Iterator[tuple[str, np.ndarray | Image.Image]]:
     if overlays is not None:
         for c, tile in zip(result.classes, overlays, strict=True):
-            yield overlay_file(picture_name(result.key), c), Image.fromarray(tile)
+            yield overlay_file(picture_name(result.key), c), tile
     if tiles is not None:
         titles = [Path(result.key).name] + [
             f"{name} p={probability_text(p)}"
