@@ -47,6 +47,33 @@ def test_png_bytes_are_small_on_smooth_pictures():
         png_bytes(ramp[..., 0])
 
 
+def _sheet_drawn_by_pil(tiles: np.ndarray, titles, pad: int = 4) -> np.ndarray:
+    """Reference: the sheet drawn on one PIL image, title by title and tile by tile."""
+    from PIL import ImageDraw
+
+    rows, cols, height, width, _ = tiles.shape
+    font = cam_io._font(width)
+    line = font.getbbox("Ag|")[3] + pad
+    sheet = Image.new("RGB", (cols * (width + pad) + pad, rows * (line + height + pad) + pad),
+                      "white")  # fmt: skip
+    draw = ImageDraw.Draw(sheet)
+    for r in range(rows):
+        for c in range(cols):
+            x, y = pad + c * (width + pad), pad + r * (line + height + pad)
+            draw.text((x, y), cam_io._fit(draw, titles[r][c], font, width), "black", font)
+            sheet.paste(Image.fromarray(tiles[r, c]), (x, y + line))
+    return np.asarray(sheet)
+
+
+def test_contact_sheet_rows_are_the_sheet_pil_draws():
+    tiles = np.random.default_rng(2).integers(0, 256, (2, 3, 40, 64, 3), dtype=np.uint8)
+    titles = [["a_rather_long_file_name.jpg", "golden retriever p=0.870", "x\ny"], ["", "Ag|", "z"]]
+    rows = cam_io.contact_sheet_rows(tiles, titles)
+    np.testing.assert_array_equal(rows, _sheet_drawn_by_pil(tiles, titles))
+    planar = torch.from_numpy(tiles).permute(0, 1, 4, 2, 3)
+    assert np.array_equal(np.asarray(cam_io.contact_sheet(planar, titles)), rows)
+
+
 @pytest.mark.parametrize("isal", [True, False], ids=["isal", "zlib"])
 def test_save_png_writes_numpy_rows_with_valid_checksums(tmp_path, isal, monkeypatch):
     """RGB rows as a NumPy array (the overlays' form on the writer threads) are written as they
@@ -106,7 +133,7 @@ def test_pictures_are_drawn_without_torch(channels_last):
     for (_, picture), overlay in zip(found, result.overlays, strict=False):
         assert np.array_equal(np.asarray(picture), overlay.permute(1, 2, 0).numpy())
     sheet = found[2][1]
-    assert sheet.height > 512 and sheet.width == 3 * (34 + 4) + 4
+    assert sheet.shape[0] > 512 and sheet.shape[1] == 3 * (34 + 4) + 4
 
 
 def test_batches_are_committed_off_the_engines_thread(tmp_path, monkeypatch):

@@ -13,10 +13,9 @@ from typing import TextIO
 import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
-from PIL import Image
 from torch import Tensor
 
-from ..io import contact_sheet, probability_text
+from ..io import contact_sheet_rows, probability_text
 from .compute import Explained
 
 __all__ = [
@@ -113,7 +112,7 @@ def write_skipped(file: TextIO, rows: list[tuple[str, str]]) -> None:
 
 def pictures(
     result: Explained, save: Iterable[str]
-) -> Iterator[tuple[str, np.ndarray | Image.Image]]:
+) -> Iterator[tuple[str, np.ndarray]]:
     """The overlay PNGs and the contact sheet of one image.
 
     The tensor work (the sheet's tiles scaled down, every picture's pixels laid out as NumPy
@@ -128,8 +127,7 @@ def pictures(
 
     Returns:
         An iterator of (path relative to the output folder, picture for
-        :func:`cam_engine.io.save_png`): each overlay as its (H, W, 3) uint8 RGB rows, the sheet
-        as a PIL image.
+        :func:`cam_engine.io.save_png`): (H, W, 3) uint8 RGB rows, NumPy arrays.
     """
     save = set(save)
     if result.overlays is None or not save & {"png", "sheet"}:
@@ -163,7 +161,7 @@ def _rgb_rows(*images: Tensor) -> np.ndarray:
 
 def _draw(
     result: Explained, overlays: np.ndarray | None, tiles: np.ndarray | None
-) -> Iterator[tuple[str, np.ndarray | Image.Image]]:
+) -> Iterator[tuple[str, np.ndarray]]:
     if overlays is not None:
         for c, tile in zip(result.classes, overlays, strict=True):
             yield overlay_file(picture_name(result.key), c), tile
@@ -172,7 +170,7 @@ def _draw(
             f"{name} p={probability_text(p)}"
             for name, p in zip(result.names, result.scores, strict=True)
         ]
-        yield sheet_file(picture_name(result.key)), contact_sheet(tiles[None], [titles])
+        yield sheet_file(picture_name(result.key)), contact_sheet_rows(tiles[None], [titles])
 
 
 def _shrink(tiles: Tensor) -> Tensor:
