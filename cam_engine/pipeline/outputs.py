@@ -11,8 +11,7 @@ from pathlib import Path
 from typing import TextIO
 
 import numpy as np
-import torch
-import torchvision.transforms.v2.functional as TF
+from PIL import Image
 from torch import Tensor
 
 from ..io import contact_sheet_rows, probability_text
@@ -110,16 +109,15 @@ def write_skipped(file: TextIO, rows: list[tuple[str, str]]) -> None:
     table.writerows(rows)
 
 
-def pictures(
-    result: Explained, save: Iterable[str]
-) -> Iterator[tuple[str, np.ndarray]]:
+def pictures(result: Explained, save: Iterable[str]) -> Iterator[tuple[str, np.ndarray]]:
     """The overlay PNGs and the contact sheet of one image.
 
-    The tensor work (the sheet's tiles scaled down, every picture's pixels laid out as NumPy
-    rows) is done when this is called, on the calling thread and its torch threads; the
-    pictures are drawn when the result is iterated, with PIL and NumPy only. A thread pool that
-    iterates it and writes the PNGs (zlib releases the GIL) then runs no torch operation: those
-    would start torch threads of their own next to the engine's.
+    The tensor work (the pixels laid out as NumPy rows: views of channels-last overlays and
+    images, no copy) is done when this is called; the pictures are drawn when the result is
+    iterated (the sheet's tiles scaled down, its titles drawn), with PIL and NumPy only, which
+    release the GIL. A thread pool that iterates it and writes the PNGs then takes that work off
+    the engine's thread and runs no torch operation: those would start torch threads of their
+    own next to the engine's.
 
     Args:
         result: the image's results, with its original and overlays (none: no pictures).
@@ -132,40 +130,33 @@ def pictures(
     save = set(save)
     if result.overlays is None or not save & {"png", "sheet"}:
         return iter(())
-    if "sheet" not in save:
-        return _draw(result, _rgb_rows(result.overlays), None)
-    # One channels-last copy of the image and its overlays: the PNG rows of the overlays, and
-    # the input of the sheet's shrinking, whose uint8 kernel is fastest channels-last.
-    rows = _rgb_rows(result.image[None], result.overlays)
-    tiles = _rgb_rows(_shrink(torch.from_numpy(rows).permute(0, 3, 1, 2)))
-    return _draw(result, rows[1:] if "png" in save else None, tiles)
+    overlays = _rgb_rows(result.overlays)  # views of channels-last overlays: no copy
+    image = _rgb_rows(result.image[None])[0] if "sheet" in save else None
+    return _draw(result, overlays, "png" in save, image)
 
 
-def _rgb_rows(*images: Tensor) -> np.ndarray:
-    """(N_i, 3, H, W) uint8 tensors -> their (sum N_i, H, W, 3) uint8 NumPy rows, on the CPU: a
-    view of one channels-last tensor, else a copy."""
-    parts = [image.detach().cpu().numpy().transpose(0, 2, 3, 1) for image in images]
-    if len(parts) == 1 and parts[0].flags.c_contiguous:
-        return parts[0]
-    rows = np.empty((sum(len(p) for p in parts), *parts[0].shape[1:]), np.uint8)
-    start = 0
-    for part in parts:
-        if part.flags.c_contiguous:  # channels-last: a plain copy
-            rows[start : start + len(part)] = part
-        else:  # a plane at a time: 5x faster than one transposing copy (or a cat)
-            for c in range(3):
-                rows[start : start + len(part), ..., c] = part[..., c]
-        start += len(part)
+def _rgb_rows(images: Tensor) -> np.ndarray:
+    """(N, 3, H, W) uint8 tensor -> its (N, H, W, 3) uint8 NumPy rows, on the CPU: a view of a
+    channels-last tensor, else a copy made a plane at a time (5x faster than one transposing
+    copy)."""
+    planes = images.detach().cpu().numpy()
+    rows = planes.transpose(0, 2, 3, 1)
+    if rows.flags.c_contiguous:
+        return rows
+    rows = np.empty(rows.shape, np.uint8)
+    for c in range(3):
+        rows[..., c] = planes[:, c]
     return rows
 
 
 def _draw(
-    result: Explained, overlays: np.ndarray | None, tiles: np.ndarray | None
+    result: Explained, overlays: np.ndarray, png: bool, image: np.ndarray | None
 ) -> Iterator[tuple[str, np.ndarray]]:
-    if overlays is not None:
+    if png:
         for c, tile in zip(result.classes, overlays, strict=True):
             yield overlay_file(picture_name(result.key), c), tile
-    if tiles is not None:
+    if image is not None:
+        tiles = np.stack([_shrink(image)] + [_shrink(tile) for tile in overlays])
         titles = [Path(result.key).name] + [
             f"{name} p={probability_text(p)}"
             for name, p in zip(result.names, result.scores, strict=True)
@@ -173,12 +164,12 @@ def _draw(
         yield sheet_file(picture_name(result.key)), contact_sheet_rows(tiles[None], [titles])
 
 
-def _shrink(tiles: Tensor) -> Tensor:
-    """(N, 3, H, W) uint8 tiles scaled so that their longest side is at most ``SHEET_TILE``, in
-    the tiles' memory format."""
-    height, width = tiles.shape[-2:]
+def _shrink(rows: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 rows scaled so that their longest side is at most ``SHEET_TILE``: PIL's
+    antialiased bilinear resize, which releases the GIL (no torch on the writer threads)."""
+    height, width = rows.shape[:2]
     scale = SHEET_TILE / max(height, width)
     if scale >= 1:
-        return tiles
-    size = [max(1, round(height * scale)), max(1, round(width * scale))]
-    return TF.resize(tiles, size, antialias=True)
+        return rows
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return np.asarray(Image.fromarray(rows).resize(size, Image.Resampling.BILINEAR))
