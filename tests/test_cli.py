@@ -138,7 +138,7 @@ def test_sheet_titles_show_small_probabilities():
         "a.png", [3, 5], ["cat", "dog"], [0.870, 0.00123], (8, 8), None, image, image[None] * 2
     )
     titles = []
-    with patch.object(outputs, "contact_sheet", lambda tiles, t: titles.extend(t)):
+    with patch.object(outputs, "contact_sheet_rows", lambda tiles, t: titles.extend(t)):
         dict(outputs.pictures(result, {"sheet"}))
     assert titles == [["a.png", "cat p=0.870", "dog p=0.00123"]]
 
