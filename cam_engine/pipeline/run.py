@@ -146,10 +146,10 @@ def _run(
 
 
 class _Writer:
-    """Writes the pictures of each batch on a few threads (zlib releases the GIL, so they overlap
-    the next batches' decoding and model), and commits each batch once its pictures are written,
-    in order, on one more thread: the commit's ``fsync`` waits for the disk, and the engine need
-    not wait with it."""
+    """Writes the pictures of each batch on a few threads (PIL, NumPy and the deflate release the
+    GIL, so they overlap the next batches' decoding and model), and commits each batch once its
+    pictures are written, in order, on one more thread: the commit's ``fsync`` waits for the
+    disk, and the engine need not wait with it."""
 
     def __init__(self, folder: Parts, save: frozenset[str], stack: ExitStack) -> None:
         self.folder, self.save = folder, save
