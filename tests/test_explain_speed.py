@@ -20,7 +20,7 @@ from cam_engine import io as cam_io
 from cam_engine.io import png_bytes, save_png
 from cam_engine.pipeline import ExplainConfig, explain
 from cam_engine.pipeline.compute import Explained
-from cam_engine.pipeline.outputs import pictures
+from cam_engine.pipeline.outputs import SHEET_TILE, _shrink, pictures
 from cam_engine.pipeline.parts import Parts
 
 
@@ -134,6 +134,21 @@ def test_pictures_are_drawn_without_torch(channels_last):
         assert np.array_equal(np.asarray(picture), overlay.permute(1, 2, 0).numpy())
     sheet = found[2][1]
     assert sheet.shape[0] > 512 and sheet.shape[1] == 3 * (34 + 4) + 4
+
+
+@pytest.mark.parametrize("factor", [2, 5])
+def test_sheet_tiles_are_area_averages(factor):
+    """A photo ``factor`` times the tile size: each tile pixel is the mean of its
+    ``factor x factor`` block (float64 reference), within one level; small photos are kept."""
+    side = SHEET_TILE * factor
+    rows = np.random.default_rng(factor).integers(0, 256, (side // 2, side, 3), dtype=np.uint8)
+    tile = _shrink(rows)
+    blocks = rows.reshape(side // 2 // factor, factor, SHEET_TILE, factor, 3)
+    reference = blocks.astype(np.float64).mean(axis=(1, 3))
+    assert tile.shape == reference.shape and tile.dtype == np.uint8
+    assert np.abs(tile - reference).max() <= 1.0
+    small = rows[:SHEET_TILE // 2, :SHEET_TILE]
+    assert _shrink(small) is small
 
 
 def test_batches_are_committed_off_the_engines_thread(tmp_path, monkeypatch):

