@@ -139,6 +139,17 @@ class NpzWriter:
                 _copy_range(file, self._file, start, info.compress_size)
                 self._members.append(member)
 
+    @property
+    def keys(self) -> frozenset[str]:
+        """The keys written so far."""
+        return frozenset(self._keys)
+
+    def sync(self) -> None:
+        """Put what is written so far on the disk (``fsync``), e.g. from a background thread,
+        so that the ``fsync`` after :meth:`close` has little left to write."""
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
     def close(self) -> None:
         """Write the archive's central directory and close the file."""
         if self._file.closed:

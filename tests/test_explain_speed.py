@@ -147,8 +147,38 @@ def test_sheet_tiles_are_area_averages(factor):
     reference = blocks.astype(np.float64).mean(axis=(1, 3))
     assert tile.shape == reference.shape and tile.dtype == np.uint8
     assert np.abs(tile - reference).max() <= 1.0
-    small = rows[:SHEET_TILE // 2, :SHEET_TILE]
+    small = rows[: SHEET_TILE // 2, :SHEET_TILE]
     assert _shrink(small) is small
+
+
+def test_heatmaps_are_merged_as_batches_commit(tmp_path):
+    """Each committed batch's heatmaps are copied into a temporary merge at once; the end adds
+    the parts of an interrupted run and the heatmaps.npz of an earlier one, and drops nothing."""
+    rng = np.random.default_rng(0)
+    maps = {name: rng.random((1, 4, 5), dtype=np.float32) for name in "abcd"}
+
+    def result(name: str) -> Explained:
+        return Explained(f"{name}.jpg", [1], ["x"], [0.5], (4, 5), maps[name])
+
+    earlier = Parts(tmp_path, npz=True)
+    earlier.write_batch([result("a")], [])
+    assert earlier.consolidate(["a.jpg"]) == (1, [])
+    interrupted = Parts(tmp_path, npz=True)  # killed before its end: its part is the record
+    interrupted.write_batch([result("b")], [])
+    interrupted.close()
+    assert not list((tmp_path / ".tmp").glob("heatmaps-*.npz"))
+
+    run = Parts(tmp_path, npz=True)
+    run.write_batch([result("c"), result("d")], [("e.jpg", "unreadable")])
+    (merge,) = (tmp_path / ".tmp").glob("heatmaps-*.npz")  # written as the batch committed
+    assert merge.stat().st_size > sum(m.nbytes for m in (maps["c"], maps["d"]))
+    keys = [f"{name}.jpg" for name in "abcde"]
+    assert run.consolidate(keys) == (4, [("e.jpg", "unreadable")])
+    with np.load(tmp_path / "heatmaps.npz") as merged:
+        assert sorted(merged.files) == keys[:4]
+        for name, expected in maps.items():
+            np.testing.assert_array_equal(merged[f"{name}.jpg"], expected)
+    assert not merge.exists() and not (tmp_path / "parts").exists()
 
 
 def test_batches_are_committed_off_the_engines_thread(tmp_path, monkeypatch):

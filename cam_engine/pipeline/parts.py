@@ -8,7 +8,8 @@ Layout of ``out/`` besides the pictures (see :mod:`.folder` for ``job.json``, ``
                         heatmaps of its i-th explained image as ``<i>`` (with ``--save npz``)
     predictions.csv     merged at the end of a run from the parts and the earlier merged
     skipped.csv         files, each replaced atomically; then the parts are deleted
-    heatmaps.npz
+    heatmaps.npz        (the heatmaps of this run's parts are copied into a temporary file under
+                        ``.tmp/`` as each part commits, so the end has little left to copy)
 
 A run killed at any point leaves whole files only: its rerun finds the images done in the parts
 and in the merged files, and explains the others.
@@ -17,6 +18,7 @@ and in the merged files, and explains the others.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import uuid
 from collections.abc import Sequence
@@ -26,7 +28,7 @@ import numpy as np
 
 from ..io import NpzWriter
 from .compute import Explained
-from .folder import OutputFolder
+from .folder import TEMP, OutputFolder
 from .outputs import output_name
 
 __all__ = ["Parts"]
@@ -45,6 +47,15 @@ class Parts(OutputFolder):
     def __init__(self, out: str | Path, npz: bool) -> None:
         super().__init__(out)
         self.npz = npz
+        self._merge: NpzWriter | None = None  # this run's heatmaps, copied as batches commit
+        self._merged: set[Path] = set()  # the parts copied into it
+
+    def close(self) -> None:
+        """Drop the merge of a run that did not reach :meth:`consolidate` (its parts remain)."""
+        if self._merge is not None:
+            self._merge.close()
+            self._merge.path.unlink(missing_ok=True)
+            self._merge = None
 
     def finished(self) -> set[str]:
         return set(self._outcomes())
@@ -67,7 +78,20 @@ class Parts(OutputFolder):
                 for i, result in enumerate(results if self.npz else []):
                     npz.add(str(i), result.heatmaps)
 
-        self.commit(self.out / PARTS / f"{uuid.uuid4().hex}.npz", write)
+        path = self.out / PARTS / f"{uuid.uuid4().hex}.npz"
+        self.commit(path, write)
+        if self.npz and results:
+            self._merge_part(path, {str(i): output_name(r.key) for i, r in enumerate(results)})
+
+    def _merge_part(self, path: Path, keys: dict[str, str]) -> None:
+        """Copy a committed part's heatmaps (part key -> output name) into this run's merge, and
+        put them on the disk: the end of the run then has little left to copy or flush. The
+        merge is a temporary file; the parts stay the record until heatmaps.npz is committed."""
+        if self._merge is None:
+            self._merge = NpzWriter(self.out / TEMP / f"heatmaps-{uuid.uuid4().hex}.npz")
+        self._merge.copy(path, keys)
+        self._merge.sync()
+        self._merged.add(path)
 
     def consolidate(self, keys: Sequence[str]) -> tuple[int, list[tuple[str, str]]]:
         outcomes = self._outcomes()
@@ -108,12 +132,15 @@ class Parts(OutputFolder):
         return outcomes
 
     def _merge_heatmaps(self, temp: Path, names: set[str]) -> None:
-        """Write the heatmaps of the images ``names`` (output names) into ``temp``: from the
-        parts, else from the ``heatmaps.npz`` of earlier runs, copied as they are stored (no
-        decoding, no second checksum)."""
-        wanted = set(names)
-        with NpzWriter(temp) as merged:
+        """Write the heatmaps of the images ``names`` (output names) into ``temp``: this run's
+        merge, then the parts not in it, then the ``heatmaps.npz`` of earlier runs; copied as
+        they are stored (no decoding, no second checksum)."""
+        merged, self._merge = self._merge or NpzWriter(temp), None
+        wanted = set(names) - merged.keys
+        with merged:
             for path in self._parts():
+                if path in self._merged:
+                    continue
                 with np.load(path) as part:
                     records = json.loads(part[RECORD].tobytes())
                 done = [r["name"] for r in records if "reason" not in r]
@@ -126,6 +153,8 @@ class Parts(OutputFolder):
                     found = sorted(wanted & set(before.files))
                 merged.copy(earlier, {name: name for name in found})
                 wanted -= set(found)
+        if merged.path != temp:
+            os.replace(merged.path, temp)
         if wanted:
             raise RuntimeError(
                 f"{self.out}: the heatmaps of {len(wanted)} explained images are missing (e.g. "

@@ -99,10 +99,10 @@ def explain(config: ExplainConfig, model: tuple[LoadedModel, CAMEngine] | None =
     if config.ray is not None:
         raise ValueError("config.ray is set: run it with cam_engine.distributed.explain_dataset")
     device = resolve_device(config.device)
-    folder = Parts(config.out, npz="npz" in config.save)
-    return run_job(
-        config, folder, lambda paths, keys: _run(config, device, folder, paths, keys, model)
-    )
+    with closing(Parts(config.out, npz="npz" in config.save)) as folder:
+        return run_job(
+            config, folder, lambda paths, keys: _run(config, device, folder, paths, keys, model)
+        )
 
 
 def _run(
