@@ -85,7 +85,6 @@ class NpzWriter:
 
     def add(self, key: str, array: Tensor | np.ndarray) -> None:
         """Store ``array`` under ``key`` (``numpy.load(path)[key]`` gives it back)."""
-        self._claim(key)
         if isinstance(array, Tensor):
             array = array.detach().cpu().numpy()
         array = np.asarray(array)
@@ -103,6 +102,7 @@ class NpzWriter:
             parts = [b"".join([*(compressor.compress(part) for part in parts), compressor.flush()])]
         stored = sum(len(part) for part in parts)
         method = zipfile.ZIP_DEFLATED if self.compress else zipfile.ZIP_STORED
+        self._claim(key)
         member = self._start(key, method, crc, stored, size)
         for part in parts:
             self._file.write(part)
@@ -125,13 +125,13 @@ class NpzWriter:
                     info = archive.getinfo(old + ".npy")
                 except KeyError:
                     raise KeyError(f"{source}: no array {old!r}") from None
-                self._claim(new)
                 file.seek(info.header_offset)
                 local = file.read(30)
                 if local[:4] != _LOCAL:
                     raise ValueError(f"{source}: bad ZIP header of {old!r}")
                 name_length, extra_length = struct.unpack("<HH", local[26:30])
                 start = info.header_offset + 30 + name_length + extra_length
+                self._claim(new)
                 member = self._start(
                     new, info.compress_type, info.CRC, info.compress_size, info.file_size
                 )
