@@ -79,7 +79,7 @@ class NpzWriter:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.compress = compress
-        self._file: BinaryIO = open(self.path, "wb")  # noqa: SIM115 (closed by close())
+        self._file: BinaryIO = open(self.path, "wb")  # closed by close()
         self._members: list[_Member] = []
         self._keys: set[str] = set()
 
@@ -110,7 +110,8 @@ class NpzWriter:
 
     def copy(self, source: str | os.PathLike, keys: Mapping[str, str]) -> None:
         """Copy arrays of the ``.npz`` file ``source`` as they are stored (compressed or not,
-        with their CRC), without reading them into memory.
+        with their CRC), without decoding them: the kernel copies the bytes where it can
+        (``copy_file_range``), else they pass through a 1 MiB buffer.
 
         Args:
             source: an ``.npz`` file (one written by this class, or by ``numpy.savez``).
