@@ -17,6 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torchvision.io import decode_png
 
 from cam_engine import io as cam_io
+from cam_engine import npz
 from cam_engine.io import png_bytes, save_png
 from cam_engine.pipeline import ExplainConfig, explain
 from cam_engine.pipeline.compute import Explained
@@ -78,8 +79,9 @@ def test_contact_sheet_rows_are_the_sheet_pil_draws():
 def test_save_png_writes_numpy_rows_with_valid_checksums(tmp_path, isal, monkeypatch):
     """RGB rows as a NumPy array (the overlays' form on the writer threads) are written as they
     are; libpng checks every chunk's CRC (ISA-L's or zlib's) when it decodes the file."""
-    if not isal:
+    if not isal:  # zlib for the deflate (io) and for the chunks' CRCs (npz)
         monkeypatch.setattr(cam_io, "isal_zlib", None)
+        monkeypatch.setattr(npz, "isal_zlib", None)
     pixels = np.random.default_rng(1).integers(0, 256, (13, 17, 3), dtype=np.uint8)
     save_png(tmp_path / "rows.png", pixels)
     data = (tmp_path / "rows.png").read_bytes()
@@ -292,8 +294,9 @@ def test_sheets_and_overlays_are_deflated(tmp_path):
 def test_deflate_round_trips_at_every_level(isal, monkeypatch):
     if isal and cam_io.isal_zlib is None:
         pytest.skip("isal is not installed")
-    if not isal:
+    if not isal:  # zlib for the deflate (io) and for the chunks' CRCs (npz)
         monkeypatch.setattr(cam_io, "isal_zlib", None)
+        monkeypatch.setattr(npz, "isal_zlib", None)
     rng = np.random.default_rng(0)
     data = np.repeat(rng.integers(0, 256, 2000, dtype=np.uint8), 32).tobytes()  # runs of 32
     for level in (0, 1, 3, 9):
