@@ -6,9 +6,9 @@ a fixed size, :func:`collate` batches them, setting unreadable files aside inste
 batch, and :func:`decoded_batches` runs both on threads ahead of the model. :func:`image_size` reads
 a file's size from its header, so that an image too large to decode (a decompression bomb) is set
 aside before it is decoded.
-Writing: :func:`save_png` (:func:`png_bytes`), :class:`NpzWriter` (one ``.npz`` written array
-by array, from :mod:`cam_engine.npz`) and :func:`contact_sheet` (a titled grid of tiles;
-:func:`contact_sheet_rows`, its pixels).
+Writing: :func:`save_png` (:func:`png_bytes`; :func:`rgb_rows`, a tensor's pixel rows),
+:class:`NpzWriter` (one ``.npz`` written array by array, from :mod:`cam_engine.npz`) and
+:func:`contact_sheet` (a titled grid of tiles; :func:`contact_sheet_rows`, its pixels).
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ __all__ = [
     "decoded_batches",
     "save_png",
     "png_bytes",
+    "rgb_rows",
     "deflate",
     "NpzWriter",
     "contact_sheet",
@@ -352,12 +353,30 @@ def decoded_batches(
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+def rgb_rows(images: Tensor) -> np.ndarray:
+    """(N, 3, H, W) uint8 RGB images -> their (N, H, W, 3) uint8 NumPy rows, on the CPU: a view
+    of channels-last images (as decoders and :func:`cam_engine.overlay` give them), else a copy
+    made a plane at a time (5x faster than one transposing copy)."""
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(
+            f"expected uint8 RGB images (N, 3, H, W), got {images.dtype} {tuple(images.shape)}"
+        )
+    planes = images.detach().cpu().numpy()
+    rows = planes.transpose(0, 2, 3, 1)
+    if rows.flags.c_contiguous:
+        return rows
+    rows = np.empty(rows.shape, np.uint8)
+    for c in range(3):
+        rows[..., c] = planes[:, c]
+    return rows
+
+
 def _to_hwc(image: Tensor) -> np.ndarray:
     if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
         raise ValueError(
             f"expected a uint8 RGB image (3, H, W), got {image.dtype} {tuple(image.shape)}"
         )
-    return image.detach().cpu().permute(1, 2, 0).contiguous().numpy()
+    return rgb_rows(image[None])[0]
 
 
 def save_png(

@@ -138,6 +138,21 @@ def test_pictures_are_drawn_without_torch(channels_last):
     assert sheet.shape[0] > 512 and sheet.shape[1] == 3 * (34 + 4) + 4
 
 
+def test_rgb_rows_view_channels_last_images_and_copy_planar_ones():
+    planar = torch.randint(0, 256, (2, 3, 5, 7), dtype=torch.uint8)
+    expected = np.stack([[[planar[n, :, y, x].tolist() for x in range(7)] for y in range(5)]
+                         for n in range(2)]).astype(np.uint8)  # fmt: skip
+    copied = cam_io.rgb_rows(planar)
+    assert np.array_equal(copied, expected) and copied.flags.c_contiguous
+    channels_last = planar.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+    viewed = cam_io.rgb_rows(channels_last)
+    assert np.array_equal(viewed, expected)
+    assert np.shares_memory(viewed, channels_last.numpy())
+    for bad in (planar.float(), planar[0], planar[:, :2]):
+        with pytest.raises(ValueError, match=r"uint8 RGB images \(N, 3, H, W\)"):
+            cam_io.rgb_rows(bad)
+
+
 @pytest.mark.parametrize("factor", [2, 5])
 def test_sheet_tiles_are_area_averages(factor):
     """A photo ``factor`` times the tile size: each tile pixel is the mean of its

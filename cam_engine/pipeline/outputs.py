@@ -12,9 +12,8 @@ from typing import TextIO
 
 import numpy as np
 from PIL import Image
-from torch import Tensor
 
-from ..io import contact_sheet_rows, probability_text
+from ..io import contact_sheet_rows, probability_text, rgb_rows
 from .compute import Explained
 
 __all__ = [
@@ -130,23 +129,9 @@ def pictures(result: Explained, save: Iterable[str]) -> Iterator[tuple[str, np.n
     save = set(save)
     if result.overlays is None or not save & {"png", "sheet"}:
         return iter(())
-    overlays = _rgb_rows(result.overlays)  # views of channels-last overlays: no copy
-    image = _rgb_rows(result.image[None])[0] if "sheet" in save else None
+    overlays = rgb_rows(result.overlays)  # views of channels-last overlays: no copy
+    image = rgb_rows(result.image[None])[0] if "sheet" in save else None
     return _draw(result, overlays, "png" in save, image)
-
-
-def _rgb_rows(images: Tensor) -> np.ndarray:
-    """(N, 3, H, W) uint8 tensor -> its (N, H, W, 3) uint8 NumPy rows, on the CPU: a view of a
-    channels-last tensor, else a copy made a plane at a time (5x faster than one transposing
-    copy)."""
-    planes = images.detach().cpu().numpy()
-    rows = planes.transpose(0, 2, 3, 1)
-    if rows.flags.c_contiguous:
-        return rows
-    rows = np.empty(rows.shape, np.uint8)
-    for c in range(3):
-        rows[..., c] = planes[:, c]
-    return rows
 
 
 def _draw(
