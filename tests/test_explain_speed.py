@@ -20,9 +20,10 @@ from cam_engine import io as cam_io
 from cam_engine import npz
 from cam_engine.io import png_bytes, save_png
 from cam_engine.pipeline import ExplainConfig, explain
-from cam_engine.pipeline.compute import Explained
-from cam_engine.pipeline.outputs import SHEET_TILE, _shrink, pictures
+from cam_engine.pipeline.compute import SHEET_TILE, Explained, sheet_tiles
+from cam_engine.pipeline.outputs import pictures
 from cam_engine.pipeline.parts import Parts
+from cam_engine.postprocess import shrink
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (3, 1), (1, 5), (37, 53)])
@@ -153,19 +154,20 @@ def test_rgb_rows_view_channels_last_images_and_copy_planar_ones():
             cam_io.rgb_rows(bad)
 
 
-@pytest.mark.parametrize("factor", [2, 5])
-def test_sheet_tiles_are_area_averages(factor):
-    """A photo ``factor`` times the tile size: each tile pixel is the mean of its
-    ``factor x factor`` block (float64 reference), within one level; small photos are kept."""
-    side = SHEET_TILE * factor
-    rows = np.random.default_rng(factor).integers(0, 256, (side // 2, side, 3), dtype=np.uint8)
-    tile = _shrink(rows)
-    blocks = rows.reshape(side // 2 // factor, factor, SHEET_TILE, factor, 3)
-    reference = blocks.astype(np.float64).mean(axis=(1, 3))
-    assert tile.shape == reference.shape and tile.dtype == np.uint8
-    assert np.abs(tile - reference).max() <= 1.0
-    small = rows[: SHEET_TILE // 2, :SHEET_TILE]
-    assert _shrink(small) is small
+def test_sheet_tiles_are_made_with_the_overlays_and_drawn_as_given():
+    """Tiles are the image and its overlays shrunk in one batch (channels-last: the sheet
+    takes views), and the sheet shows the tiles of the result, not tiles of its own."""
+    result = _result(height=640, width=480, channels_last=True)
+    tiles = sheet_tiles(result.image[None], result.overlays[None])
+    assert tiles.shape == (1, 3, 3, SHEET_TILE, 384)
+    assert tiles.permute(0, 1, 3, 4, 2).is_contiguous()
+    expected = torch.cat([shrink(result.image[None], 512), shrink(result.overlays, 512)])
+    assert torch.equal(tiles[0], expected)
+    with pytest.raises(ValueError, match=r"not \(B, K, 3, H, W\)"):
+        sheet_tiles(result.image[None], result.overlays)
+    result.tiles = torch.full_like(tiles[0], 7)  # as the job gives them, made on its thread
+    sheet = dict(pictures(result, {"sheet"}))["sheets/a/b_jpg.png"]
+    assert (sheet == 7).all(-1).sum() >= 3 * SHEET_TILE * 384  # (and a few pixels of titles)
 
 
 def test_heatmaps_are_merged_as_batches_commit(tmp_path):

@@ -1,6 +1,7 @@
 """cam_engine.postprocess against independent references (OpenCV, matplotlib, NumPy loops)."""
 
 import ast
+import doctest
 import inspect
 
 import cv2
@@ -260,6 +261,55 @@ def test_heatmaps_same_size_still_normalised():
     cams = torch.rand(1, 2, 8, 8) * 3
     out = P.heatmaps(cams, (8, 8))
     np.testing.assert_allclose(out.numpy(), _np_minmax(cams.numpy()), atol=1e-6)
+
+
+def _pil_bilinear(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Reference: PIL's antialiased BILINEAR resize of each (H, W) plane in float32 ('F')."""
+    from PIL import Image
+
+    height, width = size
+    planes = [
+        np.asarray(Image.fromarray(plane.astype(np.float32), "F").resize((width, height),
+                                                                          Image.Resampling.BILINEAR))
+        for plane in images.reshape(-1, *images.shape[-2:])
+    ]  # fmt: skip
+    return np.stack(planes).reshape(*images.shape[:-2], height, width)
+
+
+@pytest.mark.parametrize(
+    ("shape", "size"),
+    [((480, 640), (384, 512)), ((1280, 2560), (256, 512)), ((600, 700), (439, 512)),
+     ((3, 1100), (1, 512))],
+)  # fmt: skip
+def test_shrink_is_pil_bilinear(shape, size):
+    """uint8 images within one level of PIL's float filter, floats within float rounding; the
+    longest side becomes 512, the other keeps the aspect ratio (rounded, at least 1)."""
+    rng = np.random.default_rng(shape[0])
+    pixels = rng.integers(0, 256, (2, 3, *shape), dtype=np.uint8)
+    reference = _pil_bilinear(pixels, size)
+    planar = torch.from_numpy(pixels)
+    for pictures in (planar, planar.contiguous(memory_format=torch.channels_last)):
+        small = P.shrink(pictures, 512)
+        assert small.shape == (2, 3, *size) and small.dtype == torch.uint8
+        assert small.is_contiguous(memory_format=torch.channels_last) == (pictures is not planar)
+        assert np.abs(small.numpy().astype(np.float64) - reference).max() <= 1.0
+    floats = P.shrink(planar.double(), 512).numpy()
+    np.testing.assert_allclose(floats, reference, atol=2e-3)
+
+
+def test_shrink_keeps_small_images_and_checks_its_inputs():
+    images = torch.zeros(1, 3, 384, 512, dtype=torch.uint8)
+    assert P.shrink(images, 512) is images
+    assert P.shrink(images, 128).shape == (1, 3, 96, 128)
+    for bad, match in [(images[0], r"\(N, C, H, W\)"), (images.int(), "uint8 or floating")]:
+        with pytest.raises(ValueError, match=match):
+            P.shrink(bad, 512)
+    with pytest.raises(ValueError, match="longest must be >= 1"):
+        P.shrink(images, 0)
+    runner, names = doctest.DocTestRunner(), {"shrink": P.shrink, "torch": torch}
+    for example in doctest.DocTestFinder().find(P.shrink, globs=names):
+        runner.run(example)
+    assert tuple(runner.summarize(verbose=False)) == (0, 1)  # (failed, attempted)
 
 
 # colour maps -------------------------------------------------------------------------------------

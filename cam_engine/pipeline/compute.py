@@ -14,17 +14,22 @@ from torch import Tensor
 from ..engine import CAMEngine
 from ..io import Batch, reason
 from ..loading import LoadedModel, load_model
-from ..postprocess import heatmaps, overlay
+from ..postprocess import heatmaps, overlay, shrink
 from .config import ExplainConfig, Targets
 
 __all__ = [
+    "SHEET_TILE",
     "Explained",
     "check_model",
     "explain_batch",
     "explain_images",
     "load",
     "original_size_maps",
+    "sheet_tiles",
 ]
+
+#: longest side of a contact-sheet tile; overlays themselves are always at full size
+SHEET_TILE = 512
 
 
 def load(
@@ -83,21 +88,24 @@ def check_model(engine: CAMEngine, loaded: LoadedModel, targets: Targets) -> Non
 
 
 def original_size_maps(
-    batch: Batch, cams: Tensor, colormap: str | None, alpha: float
-) -> Iterator[tuple[int, Tensor, Tensor | None]]:
-    """Each image's heatmaps at its original size, and their overlays.
+    batch: Batch, cams: Tensor, colormap: str | None, alpha: float, tiles: bool = False
+) -> Iterator[tuple[int, Tensor, Tensor | None, Tensor | None]]:
+    """Each image's heatmaps at its original size, its overlays and its contact-sheet tiles.
 
-    Maps of same-size images are upsampled (and coloured) in one call, on the maps' device.
+    Maps of same-size images are upsampled, coloured and scaled to tiles in one call each, on
+    the maps' device.
 
     Args:
         batch: the decoded images (originals at their own sizes).
         cams: (B, K, h, w) maps from the engine.
-        colormap: the overlays' colour map, or ``None`` for no overlays.
+        colormap: the overlays' colour map, or ``None`` for no overlays (and no tiles).
         alpha: weight of the colour in the overlays.
+        tiles: make the tiles too (:func:`sheet_tiles`).
 
     Yields:
         (row in the batch, heatmaps (K, H, W) float32 in [0, 1] on the CPU, overlays
-        (K, 3, H, W) uint8 on the CPU or ``None``), grouped by image size.
+        (K, 3, H, W) uint8 on the CPU or ``None``, tiles (1 + K, 3, h, w) uint8 on the CPU or
+        ``None``), grouped by image size; overlays and tiles are channels-last in memory.
     """
     by_size: dict[tuple[int, int], list[int]] = defaultdict(list)
     for row, image in enumerate(batch.originals):
@@ -105,16 +113,47 @@ def original_size_maps(
     for size, rows in by_size.items():
         picked = torch.tensor(rows, device=cams.device)
         maps = heatmaps(cams.index_select(0, picked), size)
-        overlays = None
+        overlays = small = None
         if colormap is not None:
             # stacked channels-last: decoders give (3, H, W) views of (H, W, 3) pixels, so this
             # is a plain copy, and the overlays come out channels-last, the PNG rows' layout
             images = torch.stack([batch.originals[r].permute(1, 2, 0) for r in rows])
             images = images.to(cams.device).permute(0, 3, 1, 2)
-            overlays = overlay(images, maps, colormap, alpha).cpu()
+            overlays = overlay(images, maps, colormap, alpha)
+            small = sheet_tiles(images, overlays).cpu() if tiles else None
+            overlays = overlays.cpu()
         maps = maps.float().cpu()
         for i, row in enumerate(rows):
-            yield row, maps[i], None if overlays is None else overlays[i]
+            yield (
+                row,
+                maps[i],
+                None if overlays is None else overlays[i],
+                None if small is None else small[i],
+            )
+
+
+def sheet_tiles(images: Tensor, overlays: Tensor) -> Tensor:
+    """Images and their overlays scaled down to contact-sheet tiles (:func:`shrink`, longest
+    side at most :data:`SHEET_TILE`), batched, on their device.
+
+    Args:
+        images: (B, 3, H, W) uint8.
+        overlays: (B, K, 3, H, W) uint8 overlays of those images.
+
+    Returns:
+        (B, 1 + K, 3, h, w) uint8: each image, then its overlays; channels-last in memory
+        (``permute(0, 1, 3, 4, 2)`` is contiguous, the rows of RGB pictures).
+    """
+    batch, maps = overlays.shape[:2]
+    if overlays.shape[2:] != images.shape[1:] or len(images) != batch:
+        raise ValueError(
+            f"overlays {tuple(overlays.shape)} are not (B, K, 3, H, W) of images "
+            f"{tuple(images.shape)}"
+        )
+    small_images = shrink(images, SHEET_TILE).permute(0, 2, 3, 1)[:, None]
+    small_overlays = shrink(overlays.flatten(0, 1), SHEET_TILE).permute(0, 2, 3, 1)
+    tiles = torch.cat([small_images, small_overlays.unflatten(0, (batch, maps))], 1)
+    return tiles.permute(0, 1, 4, 2, 3)  # (B, 1 + K, h, w, 3) in memory
 
 
 @dataclass
@@ -128,6 +167,8 @@ class Explained:
         heatmaps: (K, H, W) float32 in [0, 1], or ``None`` when they are not kept.
         image: (3, H, W) uint8 original, for the pictures.
         overlays: (K, 3, H, W) uint8, or ``None`` when no picture is saved.
+        tiles: (1 + K, 3, h, w) uint8, the image and its overlays scaled for the contact sheet
+            (:func:`sheet_tiles`), or ``None`` (then the sheet scales them itself).
     """
 
     key: str
@@ -138,6 +179,7 @@ class Explained:
     heatmaps: np.ndarray | None
     image: Tensor | None = None
     overlays: Tensor | None = None
+    tiles: Tensor | None = None
 
 
 def explain_images(
@@ -181,8 +223,11 @@ def _explain(
     cams, classes, scores = explain_batch(engine, loaded, batch, config.targets)
     classes, scores = classes.tolist(), scores.tolist()
     colormap = config.colormap if config.save & {"png", "sheet"} else None
+    tiles = "sheet" in config.save
     explained: dict[int, Explained] = {}
-    for row, maps, overlays in original_size_maps(batch, cams, colormap, config.alpha):
+    for row, maps, overlays, small in original_size_maps(
+        batch, cams, colormap, config.alpha, tiles
+    ):
         image = batch.originals[row]
         explained[row] = Explained(
             key=keys[batch.indices[row]],
@@ -193,5 +238,6 @@ def _explain(
             heatmaps=maps.numpy() if "npz" in config.save else None,
             image=image,
             overlays=overlays,
+            tiles=small,
         )
     return [explained[row] for row in sorted(explained)]

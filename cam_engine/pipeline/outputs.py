@@ -11,14 +11,12 @@ from pathlib import Path
 from typing import TextIO
 
 import numpy as np
-from PIL import Image
 
 from ..io import contact_sheet_rows, probability_text, rgb_rows
-from .compute import Explained
+from .compute import Explained, sheet_tiles
 
 __all__ = [
     "PREDICTION_COLUMNS",
-    "SHEET_TILE",
     "output_name",
     "overlay_file",
     "picture_name",
@@ -31,8 +29,6 @@ __all__ = [
 #: ``picture`` is the image's :func:`picture_name`: its sheet is ``sheets/<picture>.png``, its
 #: overlays ``overlays/<picture>.<class_id>.png`` (last, so the earlier columns keep their places)
 PREDICTION_COLUMNS = ["image", "class_id", "class_name", "score", "picture"]
-#: longest side of a contact-sheet tile; overlays themselves are always at full size
-SHEET_TILE = 512
 #: longest part of an output name, in UTF-8 bytes: ``<part>.<class_id>.png`` stays under the
 #: 255 bytes that file systems allow
 NAME_BYTES = 200
@@ -112,11 +108,11 @@ def pictures(result: Explained, save: Iterable[str]) -> Iterator[tuple[str, np.n
     """The overlay PNGs and the contact sheet of one image.
 
     The tensor work (the pixels laid out as NumPy rows: views of channels-last overlays and
-    images, no copy) is done when this is called; the pictures are drawn when the result is
-    iterated (the sheet's tiles scaled down, its titles drawn), with PIL and NumPy only, which
-    release the GIL. A thread pool that iterates it and writes the PNGs then takes that work off
-    the engine's thread and runs no torch operation: those would start torch threads of their
-    own next to the engine's.
+    tiles, no copy; the tiles scaled by :func:`~.compute.sheet_tiles` if the result has none)
+    is done when this is called; the pictures are drawn when the result is iterated (the
+    sheet's titles drawn), with PIL and NumPy only, which release the GIL. A thread pool that
+    iterates it and writes the PNGs then takes that work off the engine's thread and runs no
+    torch operation: those would start torch threads of their own next to the engine's.
 
     Args:
         result: the image's results, with its original and overlays (none: no pictures).
@@ -129,33 +125,25 @@ def pictures(result: Explained, save: Iterable[str]) -> Iterator[tuple[str, np.n
     save = set(save)
     if result.overlays is None or not save & {"png", "sheet"}:
         return iter(())
-    overlays = rgb_rows(result.overlays)  # views of channels-last overlays: no copy
-    image = rgb_rows(result.image[None])[0] if "sheet" in save else None
-    return _draw(result, overlays, "png" in save, image)
+    overlays = rgb_rows(result.overlays) if "png" in save else None  # views: no copy
+    tiles = None
+    if "sheet" in save:
+        tiles = result.tiles
+        if tiles is None:
+            tiles = sheet_tiles(result.image[None], result.overlays[None])[0]
+        tiles = rgb_rows(tiles)
+    return _draw(result, overlays, tiles)
 
 
 def _draw(
-    result: Explained, overlays: np.ndarray, png: bool, image: np.ndarray | None
+    result: Explained, overlays: np.ndarray | None, tiles: np.ndarray | None
 ) -> Iterator[tuple[str, np.ndarray]]:
-    if png:
-        for c, tile in zip(result.classes, overlays, strict=True):
-            yield overlay_file(picture_name(result.key), c), tile
-    if image is not None:
-        tiles = np.stack([_shrink(image)] + [_shrink(tile) for tile in overlays])
+    if overlays is not None:
+        for c, rows in zip(result.classes, overlays, strict=True):
+            yield overlay_file(picture_name(result.key), c), rows
+    if tiles is not None:
         titles = [Path(result.key).name] + [
             f"{name} p={probability_text(p)}"
             for name, p in zip(result.names, result.scores, strict=True)
         ]
         yield sheet_file(picture_name(result.key)), contact_sheet_rows(tiles[None], [titles])
-
-
-def _shrink(rows: np.ndarray) -> np.ndarray:
-    """(H, W, 3) uint8 rows scaled so that their longest side is at most ``SHEET_TILE``: PIL's
-    box filter, each tile pixel the area average of the pixels it covers (1.3x faster than its
-    bilinear filter on a 640 x 480 photo). PIL releases the GIL: no torch on the writer threads."""
-    height, width = rows.shape[:2]
-    scale = SHEET_TILE / max(height, width)
-    if scale >= 1:
-        return rows
-    size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    return np.asarray(Image.fromarray(rows).resize(size, Image.Resampling.BOX))
