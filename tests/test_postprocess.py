@@ -295,6 +295,9 @@ def test_shrink_is_pil_bilinear(shape, size):
         assert np.abs(small.numpy().astype(np.float64) - reference).max() <= 1.0
     floats = P.shrink(planar.double(), 512).numpy()
     np.testing.assert_allclose(floats, reference, atol=2e-3)
+    rounded = P._shrink_in_float(planar, size)  # what uint8 images get off the CPU
+    assert rounded.dtype == torch.uint8
+    assert np.abs(rounded.numpy().astype(np.float64) - reference).max() <= 0.5 + 5e-3
 
 
 def test_shrink_keeps_small_images_and_checks_its_inputs():
@@ -513,6 +516,10 @@ def test_cuda_matches_cpu():
     assert P.colormap_lut("jet", "cuda").device.index is not None
     tiny = P.normalize(torch.rand(2, 2, 5, 5, device="cuda") * 1e-13).flatten(2)
     assert torch.all(tiny.amin(-1) == 0) and torch.all(tiny.amax(-1) == 1)
+    photos = torch.randint(0, 256, (2, 3, 480, 640), dtype=torch.uint8)
+    tiles = P.shrink(photos.cuda(), 512)  # no uint8 kernel on CUDA: filtered in float32
+    assert tiles.is_cuda and tiles.dtype == torch.uint8 and tiles.shape == (2, 3, 384, 512)
+    assert (tiles.cpu().int() - P.shrink(photos, 512).int()).abs().max() <= 1
 
 
 def test_module_imports_no_other_cam_engine_module():
