@@ -263,6 +263,21 @@ def test_heatmaps_same_size_still_normalised():
     np.testing.assert_allclose(out.numpy(), _np_minmax(cams.numpy()), atol=1e-6)
 
 
+def test_heatmaps_leave_their_input_alone_and_keep_gradients():
+    """heatmaps normalises its own upsampled copy in place: never the caller's maps (same size:
+    no copy is made), never a tensor autograd needs (float64 finite differences agree)."""
+    cams = torch.rand(2, 3, 8, 8) * 3
+    kept = cams.clone()
+    for size in ((8, 8), (16, 12)):
+        out = P.heatmaps(cams, size)
+        assert torch.equal(cams, kept) and out.amax() == 1
+    half = cams.half()
+    P.normalize(half)  # computed in a float32 copy, which is normalised in place
+    assert torch.equal(half, kept.half())
+    leaf = torch.rand(1, 2, 4, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: P.heatmaps(x, (7, 5)), (leaf,))
+
+
 def _pil_bilinear(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Reference: PIL's antialiased BILINEAR resize of each (H, W) plane in float32 ('F')."""
     from PIL import Image
